@@ -1,0 +1,153 @@
+"""Dependency estimators: per-token scores ``[B, T]`` that say how much credit each token deserves.
+
+An estimator is called once per rollout batch, under ``torch.no_grad()``, as
+``estimator(rollout, policy=None)``, and returns ``[B, T]`` float scores with 0 on padding, or an
+:class:`rlcredit.EstimatorOutput` when it also produces auxiliary per-token data. Estimators are
+per-token: every batch-scope statistic belongs to weighters, shapers and losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+import torch
+from torch import Tensor
+
+from rlcredit._components import POLICY, in_range
+from rlcredit.errors import RolloutError
+from rlcredit.registry import register
+from rlcredit.rollout import EstimatorOutput, Rollout
+
+__all__ = ["DependencyEstimator", "Uniform", "Signal", "Entropy"]
+
+
+@runtime_checkable
+class DependencyEstimator(Protocol):
+    """Per-token scores from a rollout (and optionally a policy).
+
+    Attributes:
+        requires: requirement strings checked by ``Strategy.assign`` before anything runs:
+            ``"old_logprobs"``, ``"ref_logprobs"``, ``"model_inputs"``, ``"signal:KEY"``,
+            ``"policy"``; ``"A|B"`` when either suffices.
+        extras: names of the auxiliary tensors it returns in ``EstimatorOutput.extras`` (stored by
+            the strategy as ``f"{name}.{extra}"``); empty for most estimators.
+
+    Call:
+        ``(rollout, policy=None) -> Tensor [B, T] | EstimatorOutput``, no grad, 0 on padding.
+    """
+
+    requires: tuple[str, ...]
+
+    def __call__(self, rollout: Rollout, policy: Any = None) -> Tensor | EstimatorOutput: ...
+
+
+@register("estimator", "uniform")
+@attrs.frozen
+class Uniform:
+    """Every valid token scores 1 (GRPO's uniform credit): ``S_t = 1`` on valid tokens, 0 on padding.
+
+    Returns:
+        ``[B, T]`` float32.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.estimators import Uniform
+        >>> r = rlcredit.Rollout(torch.tensor([[True, False]]), torch.tensor([1.0]), torch.tensor([0]))
+        >>> Uniform()(r)
+        tensor([[1., 0.]])
+    """
+
+    requires = ()
+    extras = ()
+
+    def __call__(self, rollout: Rollout, policy: Any = None) -> Tensor:
+        return rollout.response_mask.float()
+
+
+@register("estimator", "signal")
+@attrs.frozen
+class Signal:
+    """Reads a precomputed per-token signal: ``S_t = rollout.signals[key][b, t]``, 0 on padding.
+
+    Use it for any score computed outside rlcredit (a process reward model, a trainer's own
+    statistics...).
+
+    Args:
+        key: the signal name in ``rollout.signals`` (a ``[B, T]`` tensor).
+
+    Returns:
+        ``[B, T]`` float32.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.estimators import Signal
+        >>> r = rlcredit.Rollout(torch.tensor([[True, False]]), torch.tensor([1.0]), torch.tensor([0]),
+        ...                      signals={"prm": torch.tensor([[0.7, 5.0]])})
+        >>> Signal("prm")(r)
+        tensor([[0.7000, 0.0000]])
+    """
+
+    key: str = attrs.field(validator=attrs.validators.instance_of(str))
+
+    extras = ()
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return (f"signal:{self.key}",)
+
+    def __call__(self, rollout: Rollout, policy: Any = None) -> Tensor:
+        value = rollout.signals[self.key]
+        if value.ndim != 2:
+            raise RolloutError(
+                f"signal estimator: rollout.signals[{self.key!r}] must be [B, T] to serve as a score, "
+                f"got shape {list(value.shape)}."
+            )
+        return torch.where(rollout.response_mask, value.float(), torch.zeros((), device=value.device))
+
+
+@register("estimator", "entropy")
+@attrs.frozen
+class Entropy:
+    """Token entropy of the sampling policy, the "forking token" score of arXiv 2506.01939.
+
+    ``H_t = -sum_v p_v log p_v`` with ``p = softmax(logits_t / temperature)``.
+
+    Reads ``rollout.signals["entropy"]`` when a trainer already computed it (then ``temperature``
+    was the trainer's business and is not applied again); otherwise computes it from the policy
+    (``rlcredit.HFPolicy``) and ``rollout.model_inputs``, chunked over rows.
+
+    Args:
+        temperature: sampling temperature applied to the policy's logits (> 0).
+
+    Returns:
+        ``[B, T]`` float32 entropies, 0 on padding.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.estimators import Entropy
+        >>> r = rlcredit.Rollout(torch.tensor([[True, False]]), torch.tensor([1.0]), torch.tensor([0]),
+        ...                      signals={"entropy": torch.tensor([[0.5, 0.9]])})
+        >>> Entropy()(r)
+        tensor([[0.5000, 0.0000]])
+    """
+
+    temperature: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
+
+    requires = ("signal:entropy|" + POLICY,)
+    extras = ()
+
+    def __call__(self, rollout: Rollout, policy: Any = None) -> Tensor:
+        mask = rollout.response_mask
+        if "entropy" in rollout.signals:
+            value = rollout.signals["entropy"].float()
+        else:
+            if policy is None or rollout.model_inputs is None:
+                raise RolloutError(
+                    "entropy estimator: rollout.signals['entropy'] is absent, so it needs a policy and "
+                    "rollout.model_inputs to compute it; pass both, or precompute the signal."
+                )
+            value = policy.response_stats(
+                rollout.model_inputs, mask, temperature=self.temperature, entropy=True
+            ).entropy
+        return torch.where(mask, value, torch.zeros((), device=value.device))

@@ -1,0 +1,304 @@
+"""The data model: :class:`Rollout` in, :class:`Credit` out, :class:`LossOutput` from the loss.
+
+All three are frozen attrs classes validated on construction, so a wrong shape, dtype, device or a
+non-finite value fails here, naming the field, instead of deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Union
+
+import attrs
+import torch
+from torch import Tensor
+
+from rlcredit.errors import RolloutError
+
+__all__ = ["Rollout", "Credit", "LossOutput", "EstimatorOutput", "Rows"]
+
+Rows = Union[Tensor, slice, "list[int]", range]
+"""Row selector for ``select``: an int64 index tensor, a bool mask ``[B]``, a slice, a list or a range."""
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+def _optional_frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    return None if value is None else MappingProxyType(dict(value))
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    return f"{type(x).__name__}"
+
+
+def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.device | None,
+                  kind: str, finite: bool = True, trailing: bool = False) -> None:
+    """Raise RolloutError unless ``x`` is a tensor of ``shape`` (leading dims if ``trailing``) and ``kind``.
+
+    ``kind`` is ``"bool"``, ``"int"``, ``"float"`` or ``"any"``.
+    """
+    if not isinstance(x, Tensor):
+        raise RolloutError(f"{owner}.{name} must be a torch.Tensor of shape {list(shape)}, got {_describe(x)}.")
+    actual = tuple(x.shape)
+    ok = actual[: len(shape)] == shape if trailing else actual == shape
+    if not ok:
+        want = f"{list(shape)} (+ optional trailing dims)" if trailing else f"{list(shape)}"
+        raise RolloutError(
+            f"{owner}.{name} has shape {list(actual)}, expected {want} "
+            f"(B rows, T response tokens, right-padded)."
+        )
+    if kind == "bool" and x.dtype != torch.bool:
+        raise RolloutError(f"{owner}.{name} must be torch.bool, got {x.dtype}; convert with `.bool()`.")
+    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise RolloutError(f"{owner}.{name} must be an integer tensor (int64), got {x.dtype}; convert with `.long()`.")
+    if kind == "float" and not x.dtype.is_floating_point:
+        raise RolloutError(f"{owner}.{name} must be a floating tensor, got {x.dtype}; convert with `.float()`.")
+    if device is not None and x.device != device:
+        raise RolloutError(
+            f"{owner}.{name} is on {x.device} but the rest of the rollout is on {device}; move it with `.to({str(device)!r})`."
+        )
+    if finite and x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise RolloutError(
+            f"{owner}.{name} contains {bad} non-finite value(s) (NaN or inf); every entry must be finite, "
+            f"padding positions included (fill them with 0)."
+        )
+
+
+def _index(rows: Rows, n: int, device: torch.device) -> Tensor:
+    """Normalise a row selector to an int64 index tensor on ``device``."""
+    if isinstance(rows, slice):
+        return torch.as_tensor(range(n)[rows], dtype=torch.long, device=device)
+    if isinstance(rows, (list, tuple, range)):
+        rows = torch.as_tensor(list(rows), dtype=torch.long)
+    if not isinstance(rows, Tensor):
+        raise RolloutError(f"select(rows) takes an index tensor, bool mask, slice, list or range; got {type(rows).__name__}.")
+    if rows.dtype == torch.bool:
+        if rows.shape != (n,):
+            raise RolloutError(f"select(rows): a bool mask must have shape [{n}], got {list(rows.shape)}.")
+        return rows.to(device).nonzero().flatten()
+    if rows.dtype.is_floating_point or rows.ndim != 1:
+        raise RolloutError(f"select(rows): expected a 1-D integer index tensor, got {_describe(rows)}.")
+    if rows.numel() and (int(rows.min()) < -n or int(rows.max()) >= n):
+        raise RolloutError(f"select(rows): indices must lie in [0, {n}), got min {int(rows.min())}, max {int(rows.max())}.")
+    return rows.to(device=device, dtype=torch.long)
+
+
+@attrs.frozen(eq=False)
+class Rollout:
+    """One batch of sampled responses: what every credit strategy reads.
+
+    Shapes use ``B`` rows (rollouts), ``T`` response tokens (right-padded), ``P`` prompt tokens.
+
+    Args:
+        response_mask: ``[B, T]`` bool, True on valid response tokens (right-padded).
+        rewards: ``[B]`` float, one scalar reward per rollout.
+        group_ids: ``[B]`` int64; rollouts of the same prompt share an id (any integers).
+        old_logprobs: ``[B, T]`` float or None, log-probs of the sampled tokens under the
+            behaviour policy. None means on-policy: losses then use the current log-probs, detached.
+        ref_logprobs: ``[B, T]`` float or None, log-probs under a reference policy (KL penalty).
+        signals: named per-token inputs computed elsewhere, each ``[B, T]`` (or ``[B, T, ...]``),
+            e.g. ``"entropy"``, ``"aug_logprobs"`` (log-probs with the perturbed image),
+            ``"connectivity"``.
+        model_inputs: what the model was called with (TRL/verl layout: ``input_ids [B, P+T]`` whose
+            last ``T`` columns are the response, ``attention_mask``, pixel tensors...), or None.
+
+    Every field is validated on construction: shapes, dtypes, one device, finite values (padding
+    included). A bad field raises :class:`rlcredit.RolloutError` naming it.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> r = rlcredit.Rollout(
+        ...     response_mask=torch.tensor([[True, True, False], [True, False, False]]),
+        ...     rewards=torch.tensor([1.0, 0.0]),
+        ...     group_ids=torch.tensor([0, 0]),
+        ... )
+        >>> r.batch_size, r.response_length
+        (2, 3)
+        >>> r.select([1]).rewards
+        tensor([0.])
+    """
+
+    response_mask: Tensor
+    rewards: Tensor
+    group_ids: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    signals: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    model_inputs: Mapping[str, Any] | None = attrs.field(default=None, converter=_optional_frozen_mapping)
+
+    def __attrs_post_init__(self) -> None:
+        mask = self.response_mask
+        _check_tensor("Rollout", "response_mask", mask, shape=tuple(getattr(mask, "shape", ())),
+                      device=None, kind="bool")
+        if mask.ndim != 2:
+            raise RolloutError(f"Rollout.response_mask must be 2-D [B, T], got shape {list(mask.shape)}.")
+        B, T = mask.shape
+        if B == 0:
+            raise RolloutError("Rollout has no rows (B = 0); pass at least one rollout.")
+        dev = mask.device
+        _check_tensor("Rollout", "rewards", self.rewards, shape=(B,), device=dev, kind="float")
+        _check_tensor("Rollout", "group_ids", self.group_ids, shape=(B,), device=dev, kind="int")
+        for name in ("old_logprobs", "ref_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_tensor("Rollout", name, value, shape=(B, T), device=dev, kind="float")
+        for key, value in self.signals.items():
+            if not isinstance(key, str):
+                raise RolloutError(f"Rollout.signals keys must be strings, got {key!r}.")
+            _check_tensor("Rollout", f"signals[{key!r}]", value, shape=(B, T), device=dev, kind="any", trailing=True)
+        if self.model_inputs is not None:
+            ids = self.model_inputs.get("input_ids")
+            if ids is not None:
+                if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < T:
+                    raise RolloutError(
+                        f"Rollout.model_inputs['input_ids'] must be [B, P+T] = [{B}, >= {T}] with the response "
+                        f"in the last T columns, got {_describe(ids)}."
+                    )
+                attn = self.model_inputs.get("attention_mask")
+                if attn is not None and (not isinstance(attn, Tensor) or tuple(attn.shape) != tuple(ids.shape)):
+                    raise RolloutError(
+                        f"Rollout.model_inputs['attention_mask'] must match input_ids {list(ids.shape)}, "
+                        f"got {_describe(attn)}."
+                    )
+
+    @property
+    def batch_size(self) -> int:
+        """``B``, the number of rollouts."""
+        return self.response_mask.shape[0]
+
+    @property
+    def response_length(self) -> int:
+        """``T``, the padded response length."""
+        return self.response_mask.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.response_mask.device
+
+    def select(self, rows: Rows) -> Rollout:
+        """The rollout restricted to ``rows`` (for mini/micro-batches of the loss).
+
+        ``model_inputs`` are dropped (set to None): their layout is architecture-specific (Qwen's
+        flattened image patches have no row axis) and the loss never needs them. Run
+        ``Strategy.assign`` on the full rollout, then ``select`` for the loss.
+        """
+        idx = _index(rows, self.batch_size, self.device)
+
+        def take(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.index_select(0, idx)
+
+        return Rollout(
+            response_mask=take(self.response_mask),
+            rewards=take(self.rewards),
+            group_ids=take(self.group_ids),
+            old_logprobs=take(self.old_logprobs),
+            ref_logprobs=take(self.ref_logprobs),
+            signals={k: take(v) for k, v in self.signals.items()},
+            model_inputs=None,
+        )
+
+    def has(self, requirement: str) -> bool:
+        """Whether this rollout satisfies one requirement string (see ``requires`` in DESIGN §4).
+
+        ``"old_logprobs"``/``"ref_logprobs"``/``"model_inputs"``: the field is set;
+        ``"signal:KEY"``: ``signals`` has ``KEY``. Other requirements are not about the rollout.
+        """
+        if requirement.startswith("signal:"):
+            return requirement[len("signal:"):] in self.signals
+        if requirement in ("old_logprobs", "ref_logprobs", "model_inputs"):
+            return getattr(self, requirement) is not None
+        return False
+
+
+@attrs.frozen(eq=False)
+class EstimatorOutput:
+    """What an estimator returns when it produces auxiliary per-token data besides its score.
+
+    Args:
+        score: ``[B, T]`` float, the per-token score (0 on padding).
+        extras: named auxiliary tensors with leading ``[B, T]`` (e.g. AT-RL attention profiles
+            ``[B, T, K]``). The strategy stores them as ``f"{name}.{key}"`` among the scores.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> out = rlcredit.EstimatorOutput(torch.zeros(2, 3), {"profile": torch.zeros(2, 3, 4)})
+        >>> sorted(out.extras)
+        ['profile']
+    """
+
+    score: Tensor
+    extras: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+
+@attrs.frozen(eq=False)
+class Credit:
+    """The output of credit assignment, computed once per rollout batch under ``no_grad``.
+
+    Args:
+        scores: named per-token scores ``[B, T]`` (and estimator extras ``[B, T, ...]``).
+        token_weights: ``[B, T]`` float >= 0, exactly 0 on padding.
+        advantages: ``[B]`` (per trajectory) or ``[B, T]`` (per token).
+        metrics: detached scalar tensors for logging (no host sync).
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> c = rlcredit.Credit({}, torch.ones(2, 3), torch.tensor([1.0, -1.0]))
+        >>> c.select([0]).advantages
+        tensor([1.])
+    """
+
+    scores: Mapping[str, Tensor] = attrs.field(converter=_frozen_mapping)
+    token_weights: Tensor
+    advantages: Tensor
+    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+    def __attrs_post_init__(self) -> None:
+        w = self.token_weights
+        _check_tensor("Credit", "token_weights", w, shape=tuple(getattr(w, "shape", ())), device=None, kind="float")
+        if w.ndim != 2:
+            raise RolloutError(f"Credit.token_weights must be [B, T], got shape {list(w.shape)}.")
+        B, T = w.shape
+        adv = self.advantages
+        if not isinstance(adv, Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
+            raise RolloutError(f"Credit.advantages must be [B] = [{B}] or [B, T] = [{B}, {T}], got {_describe(adv)}.")
+        _check_tensor("Credit", "advantages", adv, shape=tuple(adv.shape), device=w.device, kind="float")
+        for key, value in self.scores.items():
+            _check_tensor("Credit", f"scores[{key!r}]", value, shape=(B, T), device=w.device, kind="any", trailing=True)
+
+    def select(self, rows: Rows) -> Credit:
+        """The credit restricted to ``rows``; metrics (batch-level) are kept as they are."""
+        idx = _index(rows, self.token_weights.shape[0], self.token_weights.device)
+        return Credit(
+            scores={k: v.index_select(0, idx) for k, v in self.scores.items()},
+            token_weights=self.token_weights.index_select(0, idx),
+            advantages=self.advantages.index_select(0, idx),
+            metrics=self.metrics,
+        )
+
+
+@attrs.frozen(eq=False)
+class LossOutput:
+    """What a :class:`~rlcredit.losses.PolicyLoss` returns.
+
+    Args:
+        loss: scalar tensor, differentiable w.r.t. the log-probs it was computed from.
+        metrics: detached scalar tensors (``clip_fraction``, ``kept_fraction``, ...).
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> rlcredit.LossOutput(torch.tensor(0.5)).loss
+        tensor(0.5000)
+    """
+
+    loss: Tensor
+    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.loss, Tensor) or self.loss.ndim != 0:
+            raise RolloutError(f"LossOutput.loss must be a scalar tensor, got {_describe(self.loss)}.")
