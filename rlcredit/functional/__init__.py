@@ -1,0 +1,47 @@
+"""Pure tensor maths of credit assignment: no classes with state, no registry, no ``Rollout``.
+
+Every function takes plain tensors (response tensors ``[B, T]``, right-padded, with a bool
+``mask``), validates shapes and dtypes on entry (raising :class:`rlcredit.RolloutError` or
+:class:`rlcredit.RLCreditError`), computes in float32 whatever the input dtype, gives padding 0,
+and defines its degenerate cases (one-sample groups, all-equal rewards, empty rows, all-padding
+batches) instead of returning NaN or inf. Batch-scope statistics take ``reducer=None`` (local)
+or a :class:`Reducer`, and then give on R ranks exactly what one process holding every row gives.
+
+Groups of rollouts:
+    :func:`group_normalize` (GRPO), :func:`group_center` (Dr. GRPO), :func:`leave_one_out`
+    (RLOO), :func:`overlong_penalty` (DAPO reward shaping).
+Losses:
+    :func:`clipped_surrogate`, :func:`aggregate` (the four modes in :data:`AGGREGATIONS`),
+    :func:`k3_kl`, :func:`masked_mean`.
+Per-token quantities of the full vocabulary (chunked over rows):
+    :func:`token_entropy`, :func:`selected_logprobs`, :func:`token_kl`, :func:`fused_token_kl`.
+Selection and shaping:
+    :func:`top_fraction_mask` (scopes in :data:`SCOPES`), :func:`dependency_scale` (VPPO TAS).
+"""
+
+from rlcredit.functional._group import group_center, group_normalize, leave_one_out, overlong_penalty
+from rlcredit.functional._logits import fused_token_kl, selected_logprobs, token_entropy, token_kl
+from rlcredit.functional._loss import AGGREGATIONS, aggregate, clipped_surrogate, k3_kl, masked_mean
+from rlcredit.functional._reduce import Reducer
+from rlcredit.functional._select import SCOPES, top_fraction_mask
+from rlcredit.functional._shaping import dependency_scale
+
+__all__ = [
+    "AGGREGATIONS",
+    "SCOPES",
+    "Reducer",
+    "aggregate",
+    "clipped_surrogate",
+    "dependency_scale",
+    "fused_token_kl",
+    "group_center",
+    "group_normalize",
+    "k3_kl",
+    "leave_one_out",
+    "masked_mean",
+    "overlong_penalty",
+    "selected_logprobs",
+    "token_entropy",
+    "token_kl",
+    "top_fraction_mask",
+]

@@ -1,0 +1,342 @@
+"""Per-token policy-gradient losses and their aggregation to a scalar."""
+
+from __future__ import annotations
+
+import torch
+
+from rlcredit.errors import RLCreditError, RolloutError
+from rlcredit.functional._checks import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_float,
+    check_positive_int,
+    check_real,
+    check_same_shape,
+    check_shape,
+)
+from rlcredit.functional._reduce import Reducer, all_max, all_sum, world_size
+
+__all__ = ["AGGREGATIONS", "aggregate", "clipped_surrogate", "k3_kl", "masked_mean"]
+
+#: The loss aggregation modes of :func:`aggregate` (verl's names with ``_`` for ``-``).
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+# exp(20) ~ 4.9e8 is far beyond any clip range, and exp(+-20) is finite in bf16/fp16/fp32, so
+# clamping the log-ratio loses nothing that matters while a stale or -inf log-prob can no longer
+# turn the ratio into inf (whose loss is inf and whose clipped branch multiplies 0 by inf).
+_LOG_RATIO_BOUND = 20.0
+
+
+def _opt_mask(fn: str, mask: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = check_same_shape(fn, "mask", mask, ref_name, ref)
+    check_bool(fn, "mask", mask)
+    return mask
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate loss per token, with asymmetric (clip-higher) and dual clipping.
+
+    Schulman et al. 2017, *Proximal Policy Optimization Algorithms* (arXiv 1707.06347); clip-higher
+    ``clip_high > clip_low`` from DAPO (arXiv 2503.14476); dual clip from Ye et al. 2020,
+    *Mastering Complex Control in MOBA Games with Deep RL* (arXiv 1912.09729):
+
+        rho = exp(clamp(logpi - logpi_old, -20, 20))
+        l   = -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)
+        l   = min(l, -c * A)        where A < 0, when dual_clip = c is set
+
+    The dual clip caps the loss of negative-advantage tokens whose ratio has grown very large.
+    Token weights fold in exactly afterwards (``w * l`` for ``w >= 0``; see :func:`aggregate`).
+    The gradient flows through ``logprobs`` only (``old_logprobs`` and ``advantages`` are
+    constants of the surrogate and are detached); a token whose clipped branch is taken has
+    exactly zero gradient.
+
+    Args:
+        logprobs: ``[B, T]`` log-probs of the sampled tokens under the current policy (any float
+            dtype, may require grad; maths in float32).
+        old_logprobs: ``[B, T]`` log-probs under the behaviour policy.
+        advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
+        clip_low: ``0 <= clip_low < 1``, the lower clip ``1 - clip_low``.
+        clip_high: ``>= 0``, the upper clip ``1 + clip_high`` (0.28 in DAPO).
+        dual_clip: ``c > 1`` or None (off); VPPO and verl use 3.0.
+        mask: optional ``[B, T]`` bool; padding then gets loss 0 and ``is_clipped`` False.
+            Without it, padding values are whatever the inputs give there (aggregate with a mask).
+
+    Returns:
+        ``(per_token_loss, is_clipped)``: ``[B, T]`` float32 losses and a ``[B, T]`` bool that is
+        True where a clip (ratio clip or dual clip) set the loss, i.e. where the gradient is zero.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import clipped_surrogate
+        >>> ratio = torch.tensor([[0.5, 1.1, 1.5]])
+        >>> old = torch.zeros(1, 3)
+        >>> loss, clipped = clipped_surrogate(ratio.log(), old, torch.tensor([1.0]))
+        >>> loss  # A > 0: -rho*A inside the range, -(1 + 0.2)*A above it
+        tensor([[-0.5000, -1.1000, -1.2000]])
+        >>> clipped
+        tensor([[False, False,  True]])
+        >>> loss, clipped = clipped_surrogate(ratio.log(), old, torch.tensor([-1.0]), dual_clip=3.0)
+        >>> loss  # A < 0: -(1 - 0.2)*A below the range; rho = 1.5 < 3 so the dual clip is idle
+        tensor([[0.8000, 1.1000, 1.5000]])
+        >>> clipped
+        tensor([[ True, False, False]])
+    """
+    fn = "clipped_surrogate"
+    logprobs = check_shape(fn, "logprobs", logprobs, "BT", [None, None])
+    check_float(fn, "logprobs", logprobs)
+    old_logprobs = check_same_shape(fn, "old_logprobs", old_logprobs, "logprobs", logprobs)
+    check_float(fn, "old_logprobs", old_logprobs)
+    B, T = logprobs.shape
+    if not isinstance(advantages, torch.Tensor) or advantages.shape not in (
+        torch.Size([B]),
+        torch.Size([B, T]),
+    ):
+        got = (
+            "shape [" + ", ".join(map(str, advantages.shape)) + "]"
+            if isinstance(advantages, torch.Tensor)
+            else type(advantages).__name__
+        )
+        raise RolloutError(
+            f"{fn}: `advantages` must have shape [B={B}] or [B={B}, T={T}], got {got}; "
+            f"pass one advantage per sequence or per token of `logprobs`."
+        )
+    check_float(fn, "advantages", advantages)
+    mask = _opt_mask(fn, mask, "logprobs", logprobs)
+    check_device(
+        fn, [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
+             ("mask", mask)]
+    )
+    check_real(fn, "clip_low", clip_low, low=0.0, high=1.0, high_open=True)
+    check_real(fn, "clip_high", clip_high, low=0.0)
+    if dual_clip is not None:
+        check_real(fn, "dual_clip", dual_clip, low=1.0, low_open=True)
+
+    adv = advantages.detach().float()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)
+    log_ratio = (logprobs.float() - old_logprobs.detach().float()).clamp(
+        -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND
+    )
+    ratio = log_ratio.exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    # Pick the branch explicitly (rather than torch.maximum) so that a clipped token's gradient
+    # is exactly zero and `is_clipped` says precisely which tokens had it.
+    is_clipped = clipped > unclipped
+    loss = torch.where(is_clipped, clipped, unclipped)
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        capped = (adv < 0) & (cap < loss)
+        loss = torch.where(capped, cap.expand_as(loss), loss)
+        is_clipped = is_clipped | capped
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+        is_clipped = is_clipped & mask
+    return loss, is_clipped
+
+
+def k3_kl(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per sampled token.
+
+    Schulman 2020, *Approximating KL Divergence* (http://joschu.net/blog/kl-approx.html); the
+    GRPO reference penalty (arXiv 2402.03300, Eq. 4) and VPPO's sampled visual dependency:
+
+        d  = clamp(logpi_ref - logpi_theta, -20, 20)
+        k3 = exp(d) - d - 1  >= 0
+
+    computed as ``expm1(d) - d``, which keeps the small-``d`` values accurate and non-negative.
+    The clamp keeps ``exp`` finite when a log-prob is ``-inf`` or wildly stale. Differentiable
+    w.r.t. ``logprobs``.
+
+    Args:
+        logprobs: ``[B, T]`` log-probs of the sampled tokens under the policy (any float dtype).
+        ref_logprobs: ``[B, T]`` log-probs of the same tokens under the reference.
+        mask: optional ``[B, T]`` bool; padding then gets 0.
+
+    Returns:
+        ``[B, T]`` float32 per-token KL estimates.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import k3_kl
+        >>> k3_kl(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]]))  # e - 1 - 1 = 0.7183
+        tensor([[0.0000, 0.7183]])
+    """
+    fn = "k3_kl"
+    logprobs = check_shape(fn, "logprobs", logprobs, "BT", [None, None])
+    check_float(fn, "logprobs", logprobs)
+    ref_logprobs = check_same_shape(fn, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    check_float(fn, "ref_logprobs", ref_logprobs)
+    mask = _opt_mask(fn, mask, "logprobs", logprobs)
+    check_device(fn, [("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("mask", mask)])
+    d = (ref_logprobs.float() - logprobs.float()).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    kl = torch.expm1(d) - d
+    if mask is not None:
+        kl = torch.where(mask, kl, torch.zeros_like(kl))
+    return kl
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of each row over its valid tokens; 0 for a row with none.
+
+    ``mean_i = sum_t x_{i,t} * m_{i,t} / sum_t m_{i,t}`` (VPPO's trajectory score
+    ``S_bar_i = sum_t S_t / T_i``). Padding values never enter, even when they are NaN or inf.
+
+    Args:
+        x: ``[B, T]`` values (any float dtype; maths in float32).
+        mask: ``[B, T]`` bool, True on valid tokens.
+
+    Returns:
+        ``[B]`` float32 row means.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import masked_mean
+        >>> x = torch.tensor([[1.0, 2.0, 9.0], [4.0, 0.0, 0.0]])
+        >>> mask = torch.tensor([[True, True, False], [False, False, False]])
+        >>> masked_mean(x, mask)
+        tensor([1.5000, 0.0000])
+    """
+    fn = "masked_mean"
+    x = check_shape(fn, "x", x, "BT", [None, None])
+    check_float(fn, "x", x)
+    mask = check_same_shape(fn, "mask", mask, "x", x)
+    check_bool(fn, "mask", mask)
+    check_device(fn, [("x", x), ("mask", mask)])
+    total = torch.where(mask, x.float(), torch.zeros((), device=x.device)).sum(-1)
+    return total / mask.sum(-1).clamp_min(1)
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    mode: str = "token_mean",
+    renormalize: bool = False,
+    max_length: int | None = None,
+    reducer: Reducer | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to the scalar to back-propagate, in one of verl's four modes.
+
+    With ``x_{i,t} = w_{i,t} * l_{i,t}`` on valid tokens and 0 on padding (token weights fold in
+    exactly for ``w >= 0``), ``T_i`` the valid tokens of row ``i`` and ``B`` the number of rows:
+
+    mode                        formula                          verl name / TRL loss_type
+    ``token_mean``              ``sum x / sum mask``             token-mean / dapo, bnpo
+    ``seq_mean_token_mean``     ``mean_i (sum_t x_{i,t} / T_i)`` seq-mean-token-mean / grpo
+    ``seq_mean_token_sum``      ``mean_i sum_t x_{i,t}``         seq-mean-token-sum / --
+    ``seq_mean_token_sum_norm`` ``sum x / (B * L_max)``          seq-mean-token-sum-norm / dr_grpo
+
+    The denominators count **all valid tokens** (as VPPO, TRL and the 80/20 paper do), so a
+    weight of 0 removes a token's loss without raising the others'. ``renormalize=True`` counts
+    ``sum w`` instead (STAPO): ``sum x / sum w`` for ``token_mean`` and ``sum_t x / sum_t w`` per
+    row for ``seq_mean_token_mean``; the token-sum modes have no token count and reject it.
+    ``L_max`` is ``max_length`` (Dr. GRPO's fixed generation budget) or the padded ``T``.
+
+    Degenerate inputs: a row without valid tokens adds 0 but still counts in ``B`` for the
+    ``seq_mean_*`` modes (like verl and TRL); an all-padding batch gives 0 with an all-zero (not
+    None) gradient. Padding never gets gradient, even when its loss is NaN or inf.
+
+    Across ranks (``reducer`` over ``R`` ranks) each rank returns ``R * local_sum / global_den``
+    where the denominator (valid tokens, ``sum w``, the number of rows ``B``, and the padded
+    ``T`` via ``reducer.max``) is global: the mean of the ranks' losses, which is what DDP's
+    gradient averaging sees, equals the loss of one process holding every row.
+
+    Args:
+        per_token: ``[B, T]`` per-token losses (any float dtype; maths in float32).
+        mask: ``[B, T]`` bool, True on valid tokens.
+        weights: optional ``[B, T]`` token weights ``>= 0`` (None: all 1).
+        mode: one of :data:`AGGREGATIONS`.
+        renormalize: divide by ``sum w`` instead of the valid-token count.
+        max_length: ``L_max`` of ``seq_mean_token_sum_norm`` (an int >= 1; None: padded ``T``).
+        reducer: cross-rank reducer, or None when this process holds the whole batch.
+
+    Returns:
+        A float32 scalar tensor (0-d), differentiable w.r.t. ``per_token``.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import aggregate
+        >>> loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+        >>> mask = torch.tensor([[True, True, True], [True, False, False]])
+        >>> aggregate(loss, mask)  # (1 + 2 + 3 + 4) / 4
+        tensor(2.5000)
+        >>> aggregate(loss, mask, mode="seq_mean_token_mean")  # (6 / 3 + 4 / 1) / 2
+        tensor(3.)
+        >>> aggregate(loss, mask, mode="seq_mean_token_sum")  # (6 + 4) / 2
+        tensor(5.)
+        >>> aggregate(loss, mask, mode="seq_mean_token_sum_norm")  # 10 / (2 * 3)
+        tensor(1.6667)
+        >>> w = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+        >>> aggregate(loss, mask, w), aggregate(loss, mask, w, renormalize=True)  # 4 / 4, 4 / 2
+        (tensor(1.), tensor(2.))
+    """
+    fn = "aggregate"
+    per_token = check_shape(fn, "per_token", per_token, "BT", [None, None])
+    check_float(fn, "per_token", per_token)
+    mask = check_same_shape(fn, "mask", mask, "per_token", per_token)
+    check_bool(fn, "mask", mask)
+    if weights is not None:
+        weights = check_same_shape(fn, "weights", weights, "per_token", per_token)
+        check_float(fn, "weights", weights)
+    check_device(fn, [("per_token", per_token), ("mask", mask), ("weights", weights)])
+    check_choice(fn, "aggregation mode", mode, AGGREGATIONS)
+    if renormalize and mode in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
+        raise RLCreditError(
+            f"{fn}: `renormalize=True` has no effect with mode {mode!r} (it has no token-count "
+            f"denominator); use it with 'token_mean' or 'seq_mean_token_mean', or drop it."
+        )
+    if max_length is not None:
+        check_positive_int(fn, "max_length", max_length)
+        if mode != "seq_mean_token_sum_norm":
+            raise RLCreditError(
+                f"{fn}: `max_length` is only used by mode 'seq_mean_token_sum_norm', got mode "
+                f"{mode!r}; drop `max_length` or change the mode."
+            )
+
+    device = per_token.device
+    zero = torch.zeros((), device=device)
+    w = None if weights is None else torch.where(mask, weights.float(), zero)
+    # where(), not a product with the mask: 0 * inf and 0 * nan on padding would poison the sum
+    # and, through the product's backward, the gradient of every padding position.
+    x = per_token.float() if w is None else per_token.float() * w
+    x = torch.where(mask, x, zero)
+    R = world_size(reducer)
+    B, T = per_token.shape
+
+    if mode == "token_mean":
+        den = (mask.sum() if (w is None or not renormalize) else w.sum()).reshape(1)
+        den = all_sum(den, reducer).float().reshape(())
+        return R * x.sum() / torch.where(den > 0, den, torch.ones_like(den))
+
+    if mode == "seq_mean_token_mean":
+        row_den = mask.sum(-1).float() if (w is None or not renormalize) else w.sum(-1)
+        row = x.sum(-1) / torch.where(row_den > 0, row_den, torch.ones_like(row_den))
+        num = row.sum()
+    else:
+        num = x.sum()
+    rows = all_sum(torch.tensor([B], device=device), reducer).float().reshape(())
+    rows = torch.where(rows > 0, rows, torch.ones_like(rows))
+    if mode == "seq_mean_token_sum_norm":
+        if max_length is None:
+            length = all_max(torch.tensor([T], device=device), reducer).float().reshape(())
+            length = length.clamp_min(1.0)
+        else:
+            length = torch.tensor(float(max_length), device=device)
+        return R * num / (rows * length)
+    return R * num / rows

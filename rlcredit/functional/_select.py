@@ -1,0 +1,231 @@
+"""Token selection: keep the highest-scoring fraction of tokens per sequence, group or batch."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from fractions import Fraction
+
+import torch
+
+from rlcredit.errors import RLCreditError
+from rlcredit.functional._checks import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_int,
+    check_same_shape,
+    check_shape,
+)
+from rlcredit.functional._reduce import Reducer, all_gather, segment_ids, world_size
+
+__all__ = ["SCOPES", "top_fraction_mask"]
+
+#: The selection scopes of :func:`top_fraction_mask`.
+SCOPES = ("sequence", "group", "batch")
+
+# torch.quantile refuses inputs above 2**24 elements ("quantile() input tensor is too large").
+_TORCH_QUANTILE_MAX_NUMEL = 2**24
+
+
+def exact_fraction(fn: str, fraction: object) -> tuple[int, int]:
+    """``fraction`` in (0, 1] as ``(p, q)`` with ``p / q`` the nearest ratio with ``q <= 1e6``.
+
+    Done once on the host so that ``ceil(p * n / q)`` is integer arithmetic on tensors: in float,
+    ``0.4 * 5`` is ``2.0000000298`` in float32 and its ceil would keep 3 tokens, not 2.
+    """
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, numbers.Real)
+        or not math.isfinite(fraction)
+        or not 0 < fraction <= 1
+    ):
+        raise RLCreditError(
+            f"{fn}: `fraction` must be a number in (0, 1] (the share of tokens to keep, e.g. 0.2),"
+            f" got {fraction!r}."
+        )
+    exact = fraction if isinstance(fraction, numbers.Rational) else float(fraction)
+    ratio = Fraction(exact).limit_denominator(10**6)
+    return ratio.numerator, ratio.denominator
+
+
+def keep_counts(n: torch.Tensor, p: int, q: int) -> torch.Tensor:
+    """``ceil(p * n / q)`` in int64, at least 1 where ``n >= 1`` and 0 where ``n == 0``."""
+    n = n.long()
+    k = torch.div(n * p + (q - 1), q, rounding_mode="floor")
+    return torch.where(n > 0, k.clamp_min(1), torch.zeros_like(k))
+
+
+def rank_key(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """float32 sort key: valid scores finite (NaN lowest), padding strictly below all of them."""
+    fin = torch.finfo(torch.float32)
+    key = torch.nan_to_num(scores.float(), nan=fin.min, posinf=fin.max, neginf=fin.min)
+    return torch.where(mask, key, torch.full((), float("-inf"), device=scores.device))
+
+
+def quantile_linear(x: torch.Tensor, q: float, *, max_numel: int = _TORCH_QUANTILE_MAX_NUMEL) -> torch.Tensor:
+    """``torch.quantile(x, q)`` (linear interpolation) for 1-D float32 ``x`` of any size.
+
+    Up to ``max_numel`` elements this *is* ``torch.quantile``; beyond its limit it replays the
+    same formula with two ``kthvalue`` selections: ``r = float32(q) * (n - 1)`` in float32,
+    ``lerp(x_(floor r), x_(ceil r), r - floor r)`` on the sorted values. The result is bit-equal
+    to ``torch.quantile`` wherever both run.
+    """
+    n = x.numel()
+    if n <= max_numel:
+        return torch.quantile(x, q)
+    # float32 on the host, exactly as ATen forms `q * last_index` for a float32 input.
+    rank = torch.tensor(q, dtype=torch.float32) * (n - 1)
+    below = int(rank.long())  # a CPU scalar: no device sync
+    above = int(torch.ceil(rank).long())
+    weight = (rank - below).to(x.device)
+    lo = torch.kthvalue(x, below + 1).values
+    hi = lo if above == below else torch.kthvalue(x, above + 1).values
+    return torch.lerp(lo, hi, weight)
+
+
+def top_fraction_mask(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    fraction: float,
+    scope: str = "sequence",
+    *,
+    group_ids: torch.Tensor | None = None,
+    reducer: Reducer | None = None,
+) -> torch.Tensor:
+    """Keep the highest-scoring ``fraction`` of the valid tokens of each sequence, group or batch.
+
+    Scopes:
+
+    - ``"sequence"``: VPPO's Token-level Gradient Filtering (arXiv 2510.09285) keeps exactly
+      ``k_i = ceil(fraction * T_i)`` tokens of row ``i`` (``T_i`` its valid tokens; at least one
+      when ``T_i >= 1``) with the highest scores. The ceil is exact rational arithmetic (``fraction``
+      is read as the nearest ratio with denominator ``<= 1e6``, so 0.4 of 5 tokens is 2, not the
+      3 that ``ceil(5 * float32(0.4))`` gives). Ties go to the earlier token (a stable sort).
+    - ``"group"``: the same over all valid tokens of each group (``group_ids`` required); ties go
+      to the earlier row, then the earlier token. Across ranks, rows are ordered by rank, and the
+      reducer must expose ``rank``.
+    - ``"batch"``: the 80/20 rule (Wang et al. 2025, arXiv 2506.01939) as TRL's
+      ``top_entropy_quantile`` computes it, over the valid tokens of the whole batch (gathered
+      across ranks):
+
+          tau = torch.quantile(valid scores, 1 - fraction)   (linear interpolation)
+          keep = valid & (score >= tau)
+
+      so ties at ``tau`` are all kept and the count can exceed ``fraction * n``. Inputs beyond
+      ``torch.quantile``'s 2**24-element limit use an exact replay of its formula.
+
+    ``fraction=1.0`` returns ``mask`` itself (a copy). Padding is never kept. Scores should be
+    finite; NaN is ranked lowest and +-inf as the largest/smallest finite float32.
+
+    Args:
+        scores: ``[B, T]`` float scores (any float dtype).
+        mask: ``[B, T]`` bool, True on valid tokens.
+        fraction: share of tokens to keep, in ``(0, 1]``.
+        scope: ``"sequence"``, ``"group"`` or ``"batch"``.
+        group_ids: ``[B]`` integer group ids (``"group"`` scope only).
+        reducer: cross-rank reducer (``"group"`` and ``"batch"`` scopes), or None for local.
+
+    Returns:
+        ``[B, T]`` bool mask of kept tokens (a subset of ``mask``).
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import top_fraction_mask
+        >>> scores = torch.tensor([[0.1, 0.9, 0.5, 0.9, 0.0], [3.0, 1.0, 2.0, 0.0, 0.0]])
+        >>> mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+        >>> top_fraction_mask(scores, mask, 0.4)  # ceil(0.4 * 5) = 2 and ceil(0.4 * 3) = 2
+        tensor([[False,  True, False,  True, False],
+                [ True, False,  True, False, False]])
+        >>> top_fraction_mask(scores, mask, 0.2)  # 1 each: the tie at 0.9 goes to the earlier
+        tensor([[False,  True, False, False, False],
+                [ True, False, False, False, False]])
+        >>> top_fraction_mask(scores, mask, 0.25, "batch")  # the 0.75-quantile of 8 scores is 1.5
+        tensor([[False, False, False, False, False],
+                [ True, False,  True, False, False]])
+    """
+    fn = "top_fraction_mask"
+    scores = check_shape(fn, "scores", scores, "BT", [None, None])
+    if not scores.is_floating_point():
+        scores = scores.float()  # integer scores rank the same; maths in float32 anyway
+    mask = check_same_shape(fn, "mask", mask, "scores", scores)
+    check_bool(fn, "mask", mask)
+    p, q = exact_fraction(fn, fraction)
+    check_choice(fn, "scope", scope, SCOPES)
+    B, T = scores.shape
+    if scope == "group":
+        if group_ids is None:
+            raise RLCreditError(
+                f"{fn}: scope 'group' needs `group_ids` ([B] integer group id of each row); "
+                f"pass them or use scope 'sequence' or 'batch'."
+            )
+        group_ids = check_shape(fn, "group_ids", group_ids, "B", [B])
+        check_int(fn, "group_ids", group_ids)
+    check_device(fn, [("scores", scores), ("mask", mask), ("group_ids", group_ids)])
+    if p == q:
+        return mask.clone()
+    key = rank_key(scores, mask)
+
+    if scope == "sequence":
+        k = keep_counts(mask.sum(-1), p, q)
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices
+        positions = torch.arange(T, device=key.device).expand(B, T)
+        rank = torch.empty_like(order).scatter_(1, order, positions)
+        return mask & (rank < k[:, None])
+
+    if scope == "batch":
+        # Boolean indexing syncs once to size the valid scores, as TRL's gather does.
+        values = all_gather(key[mask], reducer)
+        if values.numel() == 0:
+            return torch.zeros_like(mask)
+        tau = quantile_linear(values, 1.0 - fraction)
+        return mask & (key >= tau)
+
+    return _group_top(key, mask, group_ids, p, q, reducer)
+
+
+def _group_top(
+    key: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    p: int,
+    q: int,
+    reducer: Reducer | None,
+) -> torch.Tensor:
+    """Group scope: rank every token slot (padding included, ranked last) inside its group."""
+    B, T = key.shape
+    flat_key = key.reshape(-1)
+    flat_gid = group_ids.long()[:, None].expand(B, T).reshape(-1)
+    distributed = reducer is not None and world_size(reducer) > 1
+    if distributed and getattr(reducer, "rank", None) is None:
+        raise RLCreditError(
+            "top_fraction_mask: scope 'group' across ranks needs the reducer's `rank` attribute "
+            "(to find this process's rows in the gathered order); give the reducer a `rank`."
+        )
+    all_key = all_gather(flat_key, reducer) if distributed else flat_key
+    all_gid = all_gather(flat_gid, reducer) if distributed else flat_gid
+    n = all_key.numel()
+    device = key.device
+    seg = segment_ids(all_gid)
+    # Two stable sorts give the order (group, score descending, position): ties in a group go to
+    # the earlier position, i.e. the earlier row (rank-major across ranks), then earlier token.
+    by_score = torch.sort(all_key, descending=True, stable=True).indices
+    perm = by_score[torch.sort(seg[by_score], stable=True).indices]
+    slots = torch.zeros(n, dtype=torch.long, device=device).index_add_(
+        0, seg, torch.ones_like(seg)
+    )
+    valid = torch.zeros(n, dtype=torch.long, device=device).index_add_(
+        0, seg, (all_key > float("-inf")).long()
+    )
+    start = torch.cumsum(slots, 0) - slots
+    k = keep_counts(valid, p, q)
+    seg_sorted = seg[perm]
+    rank_in_group = torch.arange(n, device=device) - start[seg_sorted]
+    keep_all = torch.empty(n, dtype=torch.bool, device=device).scatter_(
+        0, perm, rank_in_group < k[seg_sorted]
+    )
+    if distributed:
+        sizes = reducer.gather(torch.tensor([B * T], device=device))
+        offset = sizes[: int(reducer.rank)].sum()
+        keep_all = keep_all[offset + torch.arange(B * T, device=device)]
+    return keep_all.reshape(B, T) & mask
