@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from rlcredit.errors import RegistryError, SpecError
+from rlcredit.errors import RegistryError, RLCreditError, SpecError
 
 __all__ = ["KINDS", "register", "get", "available", "build", "build_component", "component_spec",
            "load_plugins", "plugin_errors", "load_spec_file"]
@@ -228,7 +228,7 @@ def build_component(kind: str, spec: Any) -> Any:
         try:
             return cls(**params)
         except (TypeError, ValueError) as err:
-            if isinstance(err, SpecError):
+            if isinstance(err, RLCreditError):
                 raise
             raise SpecError(f"{kind} {name!r}: {err}") from err
     if spec is None or isinstance(spec, (int, float, bool, Sequence)):

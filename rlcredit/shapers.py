@@ -1,0 +1,233 @@
+"""Advantage shapers: trajectory-level (or token-level) advantages, applied as a chain.
+
+The chain's first input is ``rollout.rewards`` ``[B]``; each shaper is called as
+``shaper(advantages, scores, rollout, *, reducer=None)`` under ``torch.no_grad()`` and returns
+advantages ``[B]`` or ``[B, T]``. GRPO's group normalisation is itself a shaper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+from torch import Tensor
+
+from rlcredit import functional as F
+from rlcredit._components import in_range, optional_str, pick_score, score_requirement
+from rlcredit.distributed import Reducer
+from rlcredit.errors import RolloutError, SpecError
+from rlcredit.registry import register
+from rlcredit.rollout import Rollout
+
+__all__ = ["AdvantageShaper", "GroupNormalize", "GroupCenter", "LeaveOneOut", "DependencyScale"]
+
+
+@runtime_checkable
+class AdvantageShaper(Protocol):
+    """One link of the advantage chain.
+
+    Attributes:
+        requires: requirement strings (``"score:NAME"`` for scores read).
+
+    Call:
+        ``(advantages [B] | [B, T], scores, rollout, *, reducer=None) -> [B] | [B, T]``.
+    """
+
+    requires: tuple[str, ...]
+
+    def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
+                 reducer: Reducer | None = None) -> Tensor: ...
+
+
+def _trajectory(advantages: Tensor, who: str) -> Tensor:
+    if advantages.ndim != 1:
+        raise RolloutError(
+            f"{who} works on trajectory advantages [B], got shape {list(advantages.shape)}; "
+            f"put it before any token-level shaper in the chain."
+        )
+    return advantages
+
+
+@register("shaper", "group_normalize")
+@attrs.frozen
+class GroupNormalize:
+    """GRPO's group-normalised advantage (DeepSeekMath, arXiv 2402.03300).
+
+    ``A_i = (r_i - mean_g r) / (std_g r + eps)`` over the rollouts of the same prompt (same
+    ``group_id``). All-equal groups and one-sample groups give ``A_i = 0`` (verl returns ``r_i`` for
+    one-sample groups instead).
+
+    Args:
+        eps: added to the std (1e-6 as verl; TRL uses 1e-4).
+        unbiased: Bessel-corrected std (verl and TRL both use it).
+
+    Returns:
+        ``[B]`` float32.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.shapers import GroupNormalize
+        >>> r = rlcredit.Rollout(torch.ones(3, 2, dtype=torch.bool), torch.tensor([1.0, 0.0, 0.5]),
+        ...                      torch.tensor([0, 0, 1]))
+        >>> GroupNormalize()(r.rewards, {}, r)
+        tensor([ 0.7071, -0.7071,  0.0000])
+    """
+
+    eps: float = attrs.field(default=1e-6, validator=in_range(0.0))
+    unbiased: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    requires = ()
+
+    def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
+                 reducer: Reducer | None = None) -> Tensor:
+        adv = _trajectory(advantages, "group_normalize")
+        return F.group_normalize(adv, rollout.group_ids, eps=self.eps, unbiased=self.unbiased, reducer=reducer)
+
+
+@register("shaper", "group_center")
+@attrs.frozen
+class GroupCenter:
+    """Dr. GRPO's centred advantage (arXiv 2503.20783): ``A_i = r_i - mean_g r`` (no std).
+
+    One-sample groups give 0.
+
+    Returns:
+        ``[B]`` float32.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.shapers import GroupCenter
+        >>> r = rlcredit.Rollout(torch.ones(2, 2, dtype=torch.bool), torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+        >>> GroupCenter()(r.rewards, {}, r)
+        tensor([ 0.5000, -0.5000])
+    """
+
+    requires = ()
+
+    def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
+                 reducer: Reducer | None = None) -> Tensor:
+        return F.group_center(_trajectory(advantages, "group_center"), rollout.group_ids, reducer=reducer)
+
+
+@register("shaper", "leave_one_out")
+@attrs.frozen
+class LeaveOneOut:
+    """RLOO's leave-one-out baseline (arXiv 2402.14740): ``A_i = r_i - mean_{j != i, g(j) = g(i)} r_j``.
+
+    Equals ``G/(G-1) * (r_i - mean_g r)``; one-sample groups give 0.
+
+    Returns:
+        ``[B]`` float32.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.shapers import LeaveOneOut
+        >>> r = rlcredit.Rollout(torch.ones(2, 2, dtype=torch.bool), torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+        >>> LeaveOneOut()(r.rewards, {}, r)
+        tensor([ 1., -1.])
+    """
+
+    requires = ()
+
+    def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
+                 reducer: Reducer | None = None) -> Tensor:
+        return F.leave_one_out(_trajectory(advantages, "leave_one_out"), rollout.group_ids, reducer=reducer)
+
+
+def _shaping_scope(instance: Any, attribute: Any, value: Any) -> None:
+    """attrs validator: ``"batch"``, ``"group"`` or an int chunk size >= 1 (None allowed for mean_scope)."""
+    if value is None and attribute.name == "mean_scope":
+        return
+    if value in ("batch", "group"):
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return
+    extra = " or None (the same as scope)" if attribute.name == "mean_scope" else ""
+    raise SpecError(
+        f"{type(instance).__name__}.{attribute.name} must be 'batch', 'group' or an int >= 1 (a chunk of "
+        f"that many consecutive rows){extra}, got {value!r}."
+    )
+
+
+@register("shaper", "dependency_scale")
+@attrs.frozen
+class DependencyScale:
+    """VPPO's Trajectory-level Advantage Shaping (arXiv 2510.09285): ``A_i <- alpha_i * A_i``.
+
+    ``S_bar_i = sum_t S_{i,t} / T_i`` is the mean score of response ``i`` over its valid tokens;
+    with ``n_i = clamp((S_bar_i - min S_bar) / (max S_bar - min S_bar), 0, 1)`` over ``scope``,
+    :func:`rlcredit.functional.dependency_scale` gives
+
+    - ``beta_max=None`` (the released code, the ``vppo`` preset), mean-preserving:
+      ``alpha_i = beta_min + n_i (1 - beta_min) / mu``, ``mu`` the mean of ``n`` over
+      ``mean_scope``; ``alpha >= beta_min``, mean 1 over each mean scope, unbounded above.
+    - ``beta_max`` a float (the paper's bounded form, ``vppo_paper``):
+      ``alpha_i = beta_min + n_i (beta_max - beta_min)`` in ``[beta_min, beta_max]``.
+
+    ``alpha = 1`` for responses without valid tokens (left out of the statistics) and for every
+    row of a scope with at most one valid response or ``max - min <= 1e-6``. ``alpha >= 0``
+    multiplies the already-normalised advantage, so it never changes a sign; put it after
+    ``group_normalize``. ``[B, T]`` token advantages are scaled row-wise.
+
+    Args:
+        score: name of the dependency score (None: the strategy's single score).
+        beta_min: ``alpha`` of the least dependent response; ``[0, 1]`` without ``beta_max``,
+            ``>= 0`` with it (VPPO: 0.9).
+        beta_max: None (code form) or the ``alpha`` of the most dependent response (``> beta_min``).
+        scope: min/max scope: ``"batch"`` (across ranks), ``"group"`` or an int chunk of rows
+            (the released code: 128).
+        mean_scope: scope of ``mu`` (code form only; None: ``scope``; the released code: 16).
+
+    Returns:
+        Advantages of the input's shape (``[B]`` or ``[B, T]``), float32.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.shapers import DependencyScale
+        >>> r = rlcredit.Rollout(torch.tensor([[True, True], [True, False], [True, True]]),
+        ...                      torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 0]))
+        >>> s = {"visual": torch.tensor([[0.0, 2.0], [3.0, 0.0], [2.0, 2.0]])}  # S_bar = 1, 3, 2
+        >>> DependencyScale()(torch.tensor([1.0, -2.0, 0.5]), s, r)  # alpha = 0.9, 1.1, 1.0
+        tensor([ 0.9000, -2.2000,  0.5000])
+    """
+
+    score: str | None = attrs.field(default=None, validator=optional_str)
+    beta_min: float = attrs.field(default=0.9, validator=in_range(0.0))
+    beta_max: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(0.0)))
+    scope: str | int = attrs.field(default="batch", validator=_shaping_scope)
+    mean_scope: str | int | None = attrs.field(default=None, validator=_shaping_scope)
+
+    def __attrs_post_init__(self) -> None:
+        if self.beta_max is None and self.beta_min > 1:
+            raise SpecError(
+                f"DependencyScale.beta_min must be in [0, 1] in the mean-preserving form (beta_max=None), "
+                f"got {self.beta_min!r}; lower it, or set beta_max for the bounded form."
+            )
+        if self.beta_max is not None and not self.beta_max > self.beta_min:
+            raise SpecError(
+                f"DependencyScale.beta_max must be greater than beta_min ({self.beta_min!r}), got "
+                f"{self.beta_max!r}; or set beta_max=None for the mean-preserving form."
+            )
+        if self.beta_max is not None and self.mean_scope is not None:
+            raise SpecError(
+                "DependencyScale.mean_scope only applies to the mean-preserving form (beta_max=None); the bounded "
+                f"form (beta_max={self.beta_max!r}) has no mean. Drop mean_scope or set beta_max=None."
+            )
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return (score_requirement(self.score),)
+
+    def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
+                 reducer: Reducer | None = None) -> Tensor:
+        mask = rollout.response_mask
+        s = pick_score(scores, self.score, "shaper dependency_scale")
+        alpha = F.dependency_scale(
+            F.masked_mean(s.float(), mask), mask.any(-1),
+            beta_min=self.beta_min, beta_max=self.beta_max, scope=self.scope, mean_scope=self.mean_scope,
+            group_ids=rollout.group_ids, reducer=reducer,
+        )
+        if advantages.ndim == 2:
+            alpha = alpha[:, None]
+        return advantages.float() * alpha
