@@ -65,14 +65,28 @@ def pick_score(scores: Mapping[str, Tensor], name: str | None, who: str) -> Tens
     return scores[name]
 
 
-def check_bt(x: Any, mask: Tensor, who: str) -> Tensor:
-    """Check that a component returned a finite float ``[B, T]`` tensor; zero it on padding."""
+def is_builtin(component: Any) -> bool:
+    """Whether a component class is rlcredit's own (its outputs are tested to be finite, 0 on padding)."""
+    return type(component).__module__.split(".")[0] in ("rlcredit", "rlcredit_mm")
+
+
+def check_bt(x: Any, mask: Tensor, who: str, *, trusted: bool = False, nonnegative: bool = False) -> Tensor:
+    """Check that a component returned a float ``[B, T]`` tensor.
+
+    Outputs of third-party components (``trusted=False``) are also checked for finite (and, with
+    ``nonnegative``, non-negative) values and zeroed on padding; built-in components guarantee
+    both by construction and skip those full passes over the batch (they are on the hot path).
+    """
     if not isinstance(x, Tensor) or tuple(x.shape) != tuple(mask.shape):
         got = f"shape {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise RolloutError(f"{who} must return a [B, T] = {list(mask.shape)} tensor, got {got}.")
     x = x.float()
+    if trusted:
+        return x
     if not bool(torch.isfinite(x).all()):
         raise RolloutError(f"{who} returned non-finite values; scores and weights must be finite.")
+    if nonnegative and bool((x < 0).any()):
+        raise RolloutError(f"{who} returned negative weights; weights must be >= 0.")
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 

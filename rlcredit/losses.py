@@ -6,7 +6,7 @@ and returns a :class:`rlcredit.LossOutput`.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -18,7 +18,7 @@ from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional._gspo import sequence_log_ratio
 from rlcredit.registry import register
-from rlcredit.rollout import Credit, LossOutput, Rollout
+from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
 
 __all__ = ["PolicyLoss", "ClippedSurrogate", "GSPO", "AGGREGATIONS"]
 
@@ -162,7 +162,7 @@ def _surrogate_output(loss_fn: ClippedSurrogate | GSPO, who: str, per_token: Ten
 
     weights = credit.token_weights
     loss = pg_loss = agg(per_token, weights, loss_fn.renormalize)
-    metrics: dict[str, Tensor] = {}
+    metrics: dict[str, Any] = {}
     if loss_fn.kl_coef > 0:
         if rollout.ref_logprobs is None:
             raise RolloutError(f"{who}: kl_coef > 0 needs rollout.ref_logprobs; pass them or set kl_coef=0.")
@@ -173,13 +173,15 @@ def _surrogate_output(loss_fn: ClippedSurrogate | GSPO, who: str, per_token: Ten
         neg_logp = agg(-logprobs.float(), None, False)
         loss = loss + loss_fn.entropy_penalty * neg_logp
         metrics["neg_logprob"] = neg_logp.detach()
-    with torch.no_grad():
-        valid = mask.float()
-        n = valid.sum().clamp_min(1.0)
-        metrics["pg_loss"] = pg_loss.detach()
-        metrics["clip_fraction"] = (clipped.float() * valid).sum() / n
-        metrics["kept_fraction"] = ((weights > 0).float() * valid).sum() / n
-    return LossOutput(loss=loss, metrics=metrics)
+    metrics["pg_loss"] = pg_loss.detach()
+
+    def n_valid() -> Tensor:
+        return mask.sum().clamp_min(1).float()
+
+    # Computed on first access only: a step that logs nothing pays nothing. Weights are 0 on padding.
+    metrics["clip_fraction"] = lambda: (clipped & mask).sum() / n_valid()
+    metrics["kept_fraction"] = lambda: (weights > 0).sum() / n_valid()
+    return LossOutput(loss=loss, metrics=LazyMetrics(metrics))
 
 
 @register("loss", "gspo")

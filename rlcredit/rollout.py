@@ -23,7 +23,44 @@ Rows = Union[Tensor, slice, "list[int]", range]
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if isinstance(value, LazyMetrics):
+        return value
     return MappingProxyType(dict(value or {}))
+
+
+class LazyMetrics(Mapping):
+    """A read-only mapping of metric name -> detached tensor, each computed on first access.
+
+    Metrics cost full passes over ``[B, T]`` tensors; a training step that logs none of them
+    should not pay for them. Each value is computed once (under ``no_grad``) and cached.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.rollout import LazyMetrics
+        >>> m = LazyMetrics({"mean": lambda: torch.tensor([1.0, 3.0]).mean()})
+        >>> m["mean"], list(m)
+        (tensor(2.), ['mean'])
+    """
+
+    def __init__(self, thunks: Mapping[str, Any]) -> None:
+        self._thunks = dict(thunks)
+        self._values: dict[str, Tensor] = {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._values:
+            thunk = self._thunks[key]
+            with torch.no_grad():
+                self._values[key] = thunk().detach() if callable(thunk) else thunk
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._thunks)
+
+    def __len__(self) -> int:
+        return len(self._thunks)
+
+    def __repr__(self) -> str:
+        return f"LazyMetrics({sorted(self._thunks)})"
 
 
 def _optional_frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -270,6 +307,17 @@ class Credit:
         _check_tensor("Credit", "advantages", adv, shape=tuple(adv.shape), device=w.device, kind="float")
         for key, value in self.scores.items():
             _check_tensor("Credit", f"scores[{key!r}]", value, shape=(B, T), device=w.device, kind="any", trailing=True)
+
+    @classmethod
+    def _trusted(cls, scores: Mapping[str, Tensor], token_weights: Tensor, advantages: Tensor,
+                 metrics: Mapping[str, Tensor]) -> Credit:
+        """Construct without the value checks, for ``Strategy.assign``, whose components' outputs are
+        already checked (finite values cost full passes over ``[B, T]`` on the hot path)."""
+        self = object.__new__(cls)
+        for name, value in (("scores", MappingProxyType(dict(scores))), ("token_weights", token_weights),
+                            ("advantages", advantages), ("metrics", _frozen_mapping(metrics))):
+            object.__setattr__(self, name, value)
+        return self
 
     def select(self, rows: Rows) -> Credit:
         """The credit restricted to ``rows``; metrics (batch-level) are kept as they are."""

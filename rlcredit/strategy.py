@@ -11,14 +11,14 @@ import torch
 from torch import Tensor
 
 from rlcredit._components import (
-    check_bt, describe_requirement, primary_scores, requirement_met, requires_of, to_component, to_components,
+    check_bt, describe_requirement, is_builtin, primary_scores, requirement_met, requires_of, to_component, to_components,
 )
 from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.estimators import DependencyEstimator
 from rlcredit.losses import ClippedSurrogate, check_logprobs
 from rlcredit.registry import build_component, component_spec
-from rlcredit.rollout import Credit, EstimatorOutput, LossOutput, Rollout
+from rlcredit.rollout import Credit, EstimatorOutput, LazyMetrics, LossOutput, Rollout
 from rlcredit.shapers import GroupNormalize
 from rlcredit.weighters import Uniform
 
@@ -150,38 +150,44 @@ class Strategy:
             for name, est in self.estimators.items():
                 out = est(rollout, policy)
                 who = f"estimator {name!r} ({type(est).__name__})"
+                trusted = is_builtin(est)
                 if isinstance(out, EstimatorOutput):
-                    scores[name] = check_bt(out.score, mask, who)
+                    scores[name] = check_bt(out.score, mask, who, trusted=trusted)
                     for key, extra in out.extras.items():
                         if not isinstance(extra, Tensor) or tuple(extra.shape[:2]) != (B, T):
                             raise RolloutError(f"{who}: extra {key!r} must have leading shape [B, T] = [{B}, {T}].")
                         scores[f"{name}.{key}"] = extra.detach()
                 else:
-                    scores[name] = check_bt(out, mask, who)
-            weights = check_bt(self.weighter(scores, rollout, reducer=reducer), mask, f"weighter {type(self.weighter).__name__}")
-            if bool((weights < 0).any()):
-                raise RolloutError(f"weighter {type(self.weighter).__name__} returned negative weights; weights must be >= 0.")
+                    scores[name] = check_bt(out, mask, who, trusted=trusted)
+            weights = check_bt(self.weighter(scores, rollout, reducer=reducer), mask,
+                               f"weighter {type(self.weighter).__name__}", trusted=is_builtin(self.weighter),
+                               nonnegative=True)
             advantages = rollout.rewards.float()
             for shaper in self.shapers:
                 advantages = shaper(advantages, scores, rollout, reducer=reducer)
                 if not isinstance(advantages, Tensor) or tuple(advantages.shape) not in ((B,), (B, T)):
                     raise RolloutError(f"shaper {type(shaper).__name__} must return [B] or [B, T] advantages.")
+                if not is_builtin(shaper) and not bool(torch.isfinite(advantages).all()):
+                    raise RolloutError(f"shaper {type(shaper).__name__} returned non-finite advantages.")
             advantages = advantages.float()
             metrics = self._metrics(scores, weights, advantages, mask)
-        return Credit(scores=scores, token_weights=weights, advantages=advantages, metrics=metrics)
+        return Credit._trusted(scores, weights, advantages, metrics)
 
     @staticmethod
-    def _metrics(scores: Mapping[str, Tensor], weights: Tensor, advantages: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        valid = mask.float()
-        n = valid.sum().clamp_min(1.0)
-        metrics = {
-            "kept_fraction": ((weights > 0).float() * valid).sum() / n,
-            "weight_mean": (weights * valid).sum() / n,
-            "advantage_abs_mean": advantages.abs().mean(),
+    def _metrics(scores: Mapping[str, Tensor], weights: Tensor, advantages: Tensor, mask: Tensor) -> LazyMetrics:
+        """Batch metrics, each computed on first access (weights and scores are 0 on padding)."""
+
+        def n_valid() -> Tensor:
+            return mask.sum().clamp_min(1).float()
+
+        thunks = {
+            "kept_fraction": lambda: (weights > 0).sum() / n_valid(),
+            "weight_mean": lambda: weights.sum() / n_valid(),
+            "advantage_abs_mean": lambda: advantages.abs().mean(),
         }
         for name in primary_scores(scores):
-            metrics[f"score/{name}"] = (scores[name] * valid).sum() / n
-        return metrics
+            thunks[f"score/{name}"] = lambda s=scores[name]: s.sum() / n_valid()
+        return LazyMetrics(thunks)
 
     def loss(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
              reducer: Reducer | None = None) -> LossOutput:

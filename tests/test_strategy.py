@@ -162,3 +162,61 @@ def test_bf16_logprobs_give_fp32_loss_close_to_fp32():
     out16 = s.loss(logp.bfloat16(), r, credit).loss
     assert out16.dtype == torch.float32
     assert torch.allclose(out16, out32, atol=2e-2)
+
+
+def test_third_party_outputs_are_checked_builtin_ones_trusted():
+    """User components' outputs are validated (finite, >= 0, zeroed on padding); ours are trusted."""
+    import attrs
+
+    @attrs.frozen
+    class NaNScore:
+        requires = ()
+
+        def __call__(self, rollout, policy=None):
+            return torch.full(rollout.response_mask.shape, float("nan"))
+
+    @attrs.frozen
+    class Negative:
+        requires = ()
+
+        def __call__(self, scores, rollout, *, reducer=None):
+            return -rollout.response_mask.float()
+
+    @attrs.frozen
+    class Inf:
+        requires = ()
+
+        def __call__(self, advantages, scores, rollout, *, reducer=None):
+            return advantages / 0.0
+
+    @attrs.frozen
+    class Padded:
+        requires = ()
+
+        def __call__(self, rollout, policy=None):
+            return torch.ones(rollout.response_mask.shape)
+
+    r = Rollout(torch.tensor([[True, False]]), torch.tensor([1.0]), torch.tensor([0]))
+    with pytest.raises(RolloutError, match="non-finite values"):
+        Strategy(estimators={"x": NaNScore()}).assign(r)
+    with pytest.raises(RolloutError, match="negative weights"):
+        Strategy(weighter=Negative()).assign(r)
+    with pytest.raises(RolloutError, match="non-finite advantages"):
+        Strategy(shapers=[Inf()]).assign(r)
+    assert torch.equal(Strategy(estimators={"x": Padded()}).assign(r).scores["x"], torch.tensor([[1.0, 0.0]]))
+
+
+def test_metrics_are_lazy_detached_and_correct():
+    s = rlcredit.build("grpo", estimators={"prm": Signal("prm")},
+                       weighter={"name": "threshold", "value": 0.5, "score": "prm"})
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    r = Rollout(mask, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]),
+                signals={"prm": torch.tensor([[0.9, 0.1, 0.6, 7.0], [0.2, 0.0, 0.0, 0.0]])})
+    credit = s.assign(r)
+    assert repr(credit.metrics).startswith("LazyMetrics(")
+    assert credit.metrics["kept_fraction"].item() == pytest.approx(2 / 4)
+    assert credit.metrics["score/prm"].item() == pytest.approx((0.9 + 0.1 + 0.6 + 0.2) / 4)
+    out = s.loss(torch.zeros(2, 4, requires_grad=True), r, credit)
+    assert set(out.metrics) == {"pg_loss", "clip_fraction", "kept_fraction"}
+    assert out.metrics["kept_fraction"].item() == pytest.approx(0.5)
+    assert out.metrics["clip_fraction"].item() == 0.0 and not out.metrics["pg_loss"].requires_grad
