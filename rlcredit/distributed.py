@@ -43,6 +43,11 @@ class Reducer(Protocol):
         max(x), min(x): elementwise max / min over ranks (bool: any / all).
         gather(x): concatenation of 1-D tensors of possibly different lengths (0 included), in
             rank order.
+
+    Examples:
+        >>> from rlcredit.distributed import LocalReducer, Reducer
+        >>> isinstance(LocalReducer(), Reducer)
+        True
     """
 
     world_size: int
@@ -118,7 +123,8 @@ class TorchDistributedReducer:
     CPU calls anyway.
 
     Devices: tensors are reduced on their own device; with an nccl-only group a CPU tensor is
-    staged through the current CUDA device (a copy each way) and the result returned on the CPU.
+    staged through the current CUDA device and the result returned on the CPU (a copy each way;
+    the copy back waits for the collective, which is the price of asking for a CPU result).
     Results are detached (collectives are not differentiable).
 
     Args:
