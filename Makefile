@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench docs clean
+.PHONY: install demo test bench docs verl-contract clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict
+
+# The real-verl contract test, in its own venv (verl needs transformers < 5.11 and ray): ~4 min first build.
+verl-contract:
+	scripts/verl_contract.sh $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .hypothesis
