@@ -249,8 +249,8 @@ def aggregate(
     ``L_max`` is ``max_length`` (Dr. GRPO's fixed generation budget) or the padded ``T``.
 
     Degenerate inputs: a row without valid tokens adds 0 but still counts in ``B`` for the
-    ``seq_mean_*`` modes (like verl and TRL); an all-padding batch gives 0 with an all-zero (not
-    None) gradient. Padding never gets gradient, even when its loss is NaN or inf.
+    ``seq_mean_*`` modes (like TRL, and verl when given its global batch size); an all-padding
+    batch gives 0 with an all-zero (not None) gradient. Padding never gets gradient, even when its loss is NaN or inf.
 
     Across ranks (``reducer`` over ``R`` ranks) each rank returns ``R * local_sum / global_den``
     where the denominator (valid tokens, ``sum w``, the number of rows ``B``, and the padded
