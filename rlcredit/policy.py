@@ -124,10 +124,13 @@ class HFPolicy:
 
     @property
     def logit_softcap(self) -> float | None:
-        """Gemma-style final logit soft-capping ``c`` (``z = c tanh(z / c)``), or None."""
-        config = self.model.config
-        text = getattr(config, "text_config", None) or config
-        return getattr(text, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
+        """Gemma-style final logit soft-capping ``c`` (``z = c tanh(z / c)``), or None.
+
+        Read from the top-level config only, as the models apply it: ``Gemma3ForCausalLM`` caps
+        (its config is the text config) while ``Gemma3ForConditionalGeneration`` does not apply
+        its ``text_config``'s value (transformers 5).
+        """
+        return getattr(self.model.config, "final_logit_softcapping", None) or None
 
     def logits_from_hidden(self, hidden: Tensor, *, temperature: float = 1.0) -> Tensor:
         """LM-head logits ``[N, V]`` (float32, soft-capped, divided by temperature) from ``hidden [N, H]``."""
