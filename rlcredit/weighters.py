@@ -94,14 +94,33 @@ def _non_empty(instance: Any, attribute: Any, value: tuple) -> None:
         )
 
 
-def _init_parts(self: Any, args: tuple, parts: Any) -> None:
-    """Shared ``__init__`` of the n-ary combinators: ``Op(a, b)``, ``Op([a, b])`` or ``Op(parts=[a, b])``."""
-    if args and parts is not None:
-        raise SpecError(f"{type(self).__name__}: give the parts positionally or as parts=[...], not both.")
-    if parts is None:
-        parts = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-    self.__attrs_init__(parts)
 
+class _NAry:
+    """The shared shape of ``intersect`` and ``union``: ``Op(a, b)``, ``Op([a, b])`` or ``Op(parts=[a, b])``,
+    ``requires`` the union of the parts', and a left fold of ``_combine`` over the parts' weights."""
+
+    parts: tuple
+
+    def __init__(self, *parts: Any, **kwargs: Any) -> None:
+        given = kwargs.pop("parts", None)
+        if kwargs:
+            raise SpecError(f"{type(self).__name__} takes only parts; got {', '.join(kwargs)}.")
+        if parts and given is not None:
+            raise SpecError(f"{type(self).__name__}: give the parts positionally or as parts=[...], not both.")
+        if given is None:
+            given = parts[0] if len(parts) == 1 and isinstance(parts[0], (list, tuple)) else parts
+        self.__attrs_init__(given)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return _requires_union(self.parts)
+
+    def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
+        who = type(self).__name__.lower()
+        out = _part_weights(self.parts[0], scores, rollout, reducer, who)
+        for part in self.parts[1:]:
+            out = self._combine(out, _part_weights(part, scores, rollout, reducer, who))
+        return out
 
 def _requires_union(parts: tuple) -> tuple[str, ...]:
     """The parts' requirements, each once, in order of first appearance."""
@@ -269,7 +288,7 @@ class SoftWeight:
 
 @register("weighter", "intersect")
 @attrs.frozen(init=False)
-class Intersect:
+class Intersect(_NAry):
     """Tokens kept by every part: the product of the parts' weights, ``w = prod_p w^p``.
 
     On 0/1 masks this is the set intersection; on soft weights each part scales the others (for
@@ -295,25 +314,13 @@ class Intersect:
 
     parts: tuple = attrs.field(converter=to_components("weighter"), validator=_non_empty)
 
-    def __init__(self, *parts: Any, **kwargs: Any) -> None:
-        _init_parts(self, parts, kwargs.pop("parts", None))
-        if kwargs:
-            raise SpecError(f"{type(self).__name__} takes only parts; got {', '.join(kwargs)}.")
-
-    @property
-    def requires(self) -> tuple[str, ...]:
-        return _requires_union(self.parts)
-
-    def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
-        out = _part_weights(self.parts[0], scores, rollout, reducer, "intersect")
-        for part in self.parts[1:]:
-            out = out * _part_weights(part, scores, rollout, reducer, "intersect")
-        return out
+    def _combine(self, a: Tensor, b: Tensor) -> Tensor:
+        return a * b
 
 
 @register("weighter", "union")
 @attrs.frozen(init=False)
-class Union:
+class Union(_NAry):
     """Tokens kept by any part: the elementwise maximum of the parts' weights, ``w = max_p w^p``.
 
     On 0/1 masks this is the set union; on soft weights each token gets its largest weight, so
@@ -338,20 +345,8 @@ class Union:
 
     parts: tuple = attrs.field(converter=to_components("weighter"), validator=_non_empty)
 
-    def __init__(self, *parts: Any, **kwargs: Any) -> None:
-        _init_parts(self, parts, kwargs.pop("parts", None))
-        if kwargs:
-            raise SpecError(f"{type(self).__name__} takes only parts; got {', '.join(kwargs)}.")
-
-    @property
-    def requires(self) -> tuple[str, ...]:
-        return _requires_union(self.parts)
-
-    def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
-        out = _part_weights(self.parts[0], scores, rollout, reducer, "union")
-        for part in self.parts[1:]:
-            out = torch.maximum(out, _part_weights(part, scores, rollout, reducer, "union"))
-        return out
+    def _combine(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.maximum(a, b)
 
 
 @register("weighter", "complement")
