@@ -197,3 +197,27 @@ def run_ranks(
     if errors:
         raise errors[0]
     return results
+
+
+def spawn_bounded(fn: Callable[..., Any], args: tuple, nprocs: int, timeout_s: float) -> None:
+    """``torch.multiprocessing`` spawn of ``nprocs`` ranks that fails the test after ``timeout_s``.
+
+    A plain ``mp.spawn(join=True)`` waits forever when one rank blocks in a collective whose peer
+    has gone (gloo's default timeout is 30 minutes): kill every rank at the deadline instead.
+    A rank that raises is re-raised here as ``ProcessRaisedException``, as ``mp.spawn`` does.
+    """
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{nprocs} spawned processes did not finish within {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

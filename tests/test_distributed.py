@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import rlcredit
 from rlcredit import functional as F
 from rlcredit.distributed import LocalReducer, Reducer, TorchDistributedReducer
 from rlcredit.errors import RLCreditError, RolloutError
-from tests.strategies import run_ranks
+from tests.strategies import run_ranks, spawn_bounded
 
 ATOL = RTOL = 1e-6
 PRESETS = ("grpo", "dapo", "dr_grpo", "entropy_forks", "vppo")
@@ -359,17 +358,7 @@ def _worker(rank: int, port: int, out_dir: str, vppo_parts: dict[str, Any]) -> N
 
 
 def _spawn_once(out_dir: Path, vppo_parts: dict[str, Any]) -> None:
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir), vppo_parts), nprocs=3,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"3 gloo processes did not finish within {SPAWN_TIMEOUT_S:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_bounded(_worker, (_free_port(), str(out_dir), vppo_parts), 3, SPAWN_TIMEOUT_S)
 
 
 def run_gloo(out_dir: Path, vppo_parts: dict[str, Any]) -> dict[Any, Any]:

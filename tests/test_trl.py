@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import rlcredit  # noqa: E402
+from tests.strategies import spawn_bounded  # noqa: E402
 from rlcredit.errors import RegistryError, SpecError  # noqa: E402
 from rlcredit.integrations.trl import (  # noqa: E402
     LOSS_TYPES,
@@ -374,7 +375,8 @@ def _two_process_worker(rank, world, port, queue):
 
     args = GRPOConfig(output_dir=f"{os.environ.get('TMPDIR', '/tmp')}/rlcredit-trl-mp{rank}",
                       per_device_train_batch_size=6, num_generations=G, max_completion_length=6, max_steps=1,
-                      report_to="none", use_cpu=True, save_strategy="no", seed=0, epsilon_high=0.28)
+                      report_to="none", use_cpu=True, save_strategy="no", seed=0, epsilon_high=0.28,
+                      ddp_timeout=120)  # a rank whose peer is gone fails in 2 min, not gloo's 30
     trainer = Recording(model=Qwen2ForCausalLM(cfg), reward_funcs=reward_len, args=args, processing_class=tokenizer,
                         train_dataset=Dataset.from_dict({"prompt": PROMPTS}), credit=strategy)
     trainer.train()
@@ -396,7 +398,7 @@ def test_two_processes_split_groups_and_batch_quantile():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_two_process_worker, args=(2, port, queue), nprocs=2, join=True)
+    spawn_bounded(_two_process_worker, (2, port, queue), 2, timeout_s=240)
     results = {}
     while not queue.empty():
         rank, *rest = queue.get()
