@@ -123,6 +123,22 @@ def one_of(*choices: Any):
     return validate
 
 
+def int_at_least(lo: int):
+    """attrs validator: an int (not a bool) ``>= lo``."""
+
+    def validate(instance: Any, attribute: Any, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise SpecError(f"{type(instance).__name__}.{attribute.name} must be an int >= {lo}, got {value!r}.")
+
+    return validate
+
+
+def is_bool(instance: Any, attribute: Any, value: Any) -> None:
+    """attrs validator: exactly True or False."""
+    if not isinstance(value, bool):
+        raise SpecError(f"{type(instance).__name__}.{attribute.name} must be True or False, got {value!r}.")
+
+
 def optional_str(instance: Any, attribute: Any, value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise SpecError(f"{type(instance).__name__}.{attribute.name} must be a score name (str) or None, got {value!r}.")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlcredit._components import in_range, one_of, optional_str, pick_score, primary_scores, score_requirement
+from rlcredit._components import in_range, int_at_least, is_bool, one_of, optional_str, pick_score, primary_scores, score_requirement
 from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.registry import register
@@ -294,19 +294,6 @@ def top_share_anchors(connectivity: Tensor, mask: Tensor, *, anchor_share: float
     return (rank < k[:, None]) & mask
 
 
-def _int_at_least(lo: int):
-    def validate(instance: Any, attribute: Any, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise SpecError(f"{type(instance).__name__}.{attribute.name} must be an int >= {lo}, got {value!r}.")
-
-    return validate
-
-
-def _is_bool(instance: Any, attribute: Any, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise SpecError(f"{type(instance).__name__}.{attribute.name} must be True or False, got {value!r}.")
-
-
 @register("weighter", "anchor_clusters")
 @attrs.frozen
 class AnchorClusters:
@@ -356,14 +343,14 @@ class AnchorClusters:
     """
 
     anchor_share: float = attrs.field(default=0.15, validator=in_range(0.0, 1.0, lo_open=True))
-    cluster_size: int = attrs.field(default=8, validator=_int_at_least(1))
+    cluster_size: int = attrs.field(default=8, validator=int_at_least(1))
     w_anchor: float = attrs.field(default=1.5, validator=in_range(0.0))
     w_other: float = attrs.field(default=1.0, validator=in_range(0.0))
     mode: str = attrs.field(default="weights", validator=one_of("weights", "anchors_only", "non_anchors_only"))
     score: str | None = attrs.field(default=None, validator=optional_str)
-    rescale: bool = attrs.field(default=False, validator=_is_bool)
-    knn: int = attrs.field(default=10, validator=_int_at_least(0))
-    seed: int = attrs.field(default=0, validator=_int_at_least(0))
+    rescale: bool = attrs.field(default=False, validator=is_bool)
+    knn: int = attrs.field(default=10, validator=int_at_least(0))
+    seed: int = attrs.field(default=0, validator=int_at_least(0))
 
     def __attrs_post_init__(self) -> None:
         if self.mode != "weights":

@@ -35,7 +35,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcredit._components import POLICY, in_range, one_of
+from rlcredit._components import POLICY, in_range, int_at_least, is_bool, one_of
 from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.rollout import EstimatorOutput, Rollout
@@ -387,19 +387,6 @@ def _to_layers(value: Any) -> tuple[int, ...] | None:
     return out
 
 
-def _int_at_least(lo: int):
-    def validate(instance: Any, attribute: Any, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise SpecError(f"{type(instance).__name__}.{attribute.name} must be an int >= {lo}, got {value!r}.")
-
-    return validate
-
-
-def _is_bool(instance: Any, attribute: Any, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise SpecError(f"{type(instance).__name__}.{attribute.name} must be True or False, got {value!r}.")
-
-
 @register("estimator", "attention_connectivity")
 @attrs.frozen
 class AttentionConnectivity:
@@ -462,14 +449,14 @@ class AttentionConnectivity:
     """
 
     layers: tuple[int, ...] | None = attrs.field(default=None, converter=_to_layers)
-    debias_sinks: bool = attrs.field(default=True, validator=_is_bool)
+    debias_sinks: bool = attrs.field(default=True, validator=is_bool)
     measure: str = attrs.field(default="mass", validator=one_of("mass", "density"))
     align: str = attrs.field(default="predicting", validator=one_of("predicting", "self"))
-    profile_bins: int = attrs.field(default=16, validator=_int_at_least(1))
+    profile_bins: int = attrs.field(default=16, validator=int_at_least(1))
     sink_quantile: float = attrs.field(default=0.99, validator=in_range(0.0, 1.0))
-    sink_first_keys: int = attrs.field(default=1, validator=_int_at_least(0))
-    auto_layers: int = attrs.field(default=4, validator=_int_at_least(1))
-    query_chunk: int = attrs.field(default=64, validator=_int_at_least(1))
+    sink_first_keys: int = attrs.field(default=1, validator=int_at_least(0))
+    auto_layers: int = attrs.field(default=4, validator=int_at_least(1))
+    query_chunk: int = attrs.field(default=64, validator=int_at_least(1))
 
     requires = (POLICY, "model_inputs")
     extras = ("profile",)
