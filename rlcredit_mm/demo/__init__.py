@@ -1,0 +1,18 @@
+"""The toy visual-reasoning RL task behind ``rlcredit demo``.
+
+* :mod:`~rlcredit_mm.demo.task` — pictures of coloured shapes, the question, the 0/1 reward;
+* :mod:`~rlcredit_mm.demo.model` — a tiny random-init Qwen2.5-VL, its inputs, the format-only warm-up;
+* :mod:`~rlcredit_mm.demo.train` — the RL loop (``generate`` rollouts, ``Strategy.assign``/``loss``, AdamW);
+* :mod:`~rlcredit_mm.demo.report` — the results table, intervals over seeds, learning curves;
+* :mod:`~rlcredit_mm.demo.run` — ``rlcredit demo`` itself (writes the results folder atomically).
+
+Examples:
+    >>> from rlcredit_mm.demo import DemoConfig
+    >>> DemoConfig.quick().seeds, DemoConfig().presets
+    (1, ('grpo', 'dapo', 'entropy_forks', 'vppo', 'at_rl'))
+"""
+
+from rlcredit_mm.demo.run import run_demo
+from rlcredit_mm.demo.train import DEFAULT_PRESETS, DemoConfig
+
+__all__ = ["DEFAULT_PRESETS", "DemoConfig", "run_demo"]
