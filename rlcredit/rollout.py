@@ -67,6 +67,14 @@ def _optional_frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, An
     return None if value is None else MappingProxyType(dict(value))
 
 
+def _float_rewards(rewards: Any) -> Any:
+    """0/1 correctness rewards often arrive as int or bool tensors: read them as float32."""
+    if isinstance(rewards, Tensor) and (rewards.dtype == torch.bool or not (rewards.dtype.is_floating_point
+                                                                           or rewards.dtype.is_complex)):
+        return rewards.float()
+    return rewards
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, Tensor):
         return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
@@ -134,7 +142,7 @@ class Rollout:
 
     Args:
         response_mask: ``[B, T]`` bool, True on valid response tokens (right-padded).
-        rewards: ``[B]`` float, one scalar reward per rollout.
+        rewards: ``[B]``, one scalar reward per rollout (int and bool rewards are read as float32).
         group_ids: ``[B]`` int64; rollouts of the same prompt share an id (any integers).
         old_logprobs: ``[B, T]`` float or None, log-probs of the sampled tokens under the
             behaviour policy. None means on-policy: losses then use the current log-probs, detached.
@@ -162,7 +170,7 @@ class Rollout:
     """
 
     response_mask: Tensor
-    rewards: Tensor
+    rewards: Tensor = attrs.field(converter=lambda r: _float_rewards(r))
     group_ids: Tensor
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None

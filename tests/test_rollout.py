@@ -31,7 +31,7 @@ def test_valid_rollout_properties():
         (dict(response_mask=torch.ones(6, dtype=torch.bool)), "2-D"),
         (dict(response_mask=torch.ones(0, 3, dtype=torch.bool), rewards=torch.zeros(0), group_ids=torch.zeros(0, dtype=torch.long)), "B = 0"),
         (dict(rewards=torch.tensor([1.0, 0.0, 1.0])), "rewards has shape [3], expected [2]"),
-        (dict(rewards=torch.tensor([1, 0])), "rewards must be a floating"),
+        (dict(rewards=torch.tensor([1j, 0j])), "rewards must be a floating"),
         (dict(rewards=torch.tensor([float("nan"), 0.0])), "non-finite"),
         (dict(group_ids=torch.tensor([0.0, 0.0])), "group_ids must be an integer"),
         (dict(group_ids=[0, 0]), "group_ids must be a torch.Tensor"),
@@ -55,6 +55,11 @@ def test_bad_fields_raise_rollout_error_naming_the_problem(kw, fragment):
 def test_device_mismatch():  # pragma: no cover - CPU CI
     with pytest.raises(RolloutError, match="device"):
         _rollout(rewards=torch.tensor([1.0, 0.0], device="cuda"))
+
+
+def test_integer_and_bool_rewards_are_read_as_float():
+    assert _rollout(rewards=torch.tensor([1, 0])).rewards.dtype == torch.float32
+    assert torch.equal(_rollout(rewards=torch.tensor([True, False])).rewards, torch.tensor([1.0, 0.0]))
 
 
 def test_rollout_error_is_value_error_and_rlcredit_error():
