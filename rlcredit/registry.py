@@ -95,7 +95,7 @@ def _unknown(kind: str, name: str) -> RegistryError:
     if _PLUGIN_ERRORS:
         extra = " Plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in _PLUGIN_ERRORS.items()) + "."
     return RegistryError(
-        f"unknown {kind} {name!r};{hint} available {kind}s: {', '.join(names) or '(none)'}. "
+        f"unknown {kind} {name!r};{hint} available {kind} names: {', '.join(names) or '(none)'}. "
         f"Register your own with @rlcredit.register({kind!r}, NAME).{extra}"
     )
 
