@@ -35,6 +35,22 @@ class DependencyEstimator(Protocol):
 
     Call:
         ``(rollout, policy=None) -> Tensor [B, T] | EstimatorOutput``, no grad, 0 on padding.
+
+    Examples:
+        Any callable with ``requires`` fits; register it to use it from configs:
+
+        >>> import attrs, torch, rlcredit
+        >>> @attrs.frozen
+        ... class Position:  # later tokens score higher
+        ...     requires = ()
+        ...     def __call__(self, rollout, policy=None):
+        ...         return rollout.response_mask.float().cumsum(-1) * rollout.response_mask
+        >>> from rlcredit.estimators import DependencyEstimator
+        >>> isinstance(Position(), DependencyEstimator)
+        True
+        >>> r = rlcredit.Rollout(torch.tensor([[True, True, False]]), torch.tensor([1.0]), torch.tensor([0]))
+        >>> rlcredit.Strategy(estimators={"pos": Position()}).assign(r).scores["pos"]
+        tensor([[1., 2., 0.]])
     """
 
     requires: tuple[str, ...]

@@ -34,6 +34,20 @@ class PolicyLoss(Protocol):
 
     Call:
         ``(logprobs [B, T], rollout, credit, *, reducer=None) -> LossOutput``.
+
+    Examples:
+        >>> import attrs, torch, rlcredit
+        >>> @attrs.frozen
+        ... class Reinforce:  # -mean(w * A * logp) over valid tokens
+        ...     requires = ()
+        ...     def __call__(self, logprobs, rollout, credit, *, reducer=None):
+        ...         m = rollout.response_mask
+        ...         x = credit.token_weights * credit.advantages[:, None] * logprobs
+        ...         return rlcredit.LossOutput(-(x * m).sum() / m.sum())
+        >>> r = rlcredit.Rollout(torch.ones(2, 1, dtype=torch.bool), torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+        >>> s = rlcredit.Strategy(policy_loss=Reinforce())
+        >>> round(s.loss(torch.tensor([[-1.0], [-2.0]]), r, s.assign(r)).loss.item(), 4)
+        -0.3536
     """
 
     requires: tuple[str, ...]

@@ -31,6 +31,12 @@ class TokenStats:
         entropy: ``H_t`` of ``softmax(logits / temperature)``, float32, or None if not asked for.
         hidden: the last hidden state at the position whose logits predict ``y_t`` (model dtype),
             or None if not asked for.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.policy import TokenStats
+        >>> TokenStats(logprobs=torch.zeros(2, 3)).entropy is None
+        True
     """
 
     logprobs: Tensor | None

@@ -32,6 +32,17 @@ class AdvantageShaper(Protocol):
 
     Call:
         ``(advantages [B] | [B, T], scores, rollout, *, reducer=None) -> [B] | [B, T]``.
+
+    Examples:
+        >>> import attrs, torch, rlcredit
+        >>> @attrs.frozen
+        ... class Clip:  # bound the advantages
+        ...     requires = ()
+        ...     def __call__(self, advantages, scores, rollout, *, reducer=None):
+        ...         return advantages.clamp(-0.5, 0.5)
+        >>> r = rlcredit.Rollout(torch.ones(2, 1, dtype=torch.bool), torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+        >>> rlcredit.Strategy(shapers=["group_normalize", Clip()]).assign(r).advantages
+        tensor([ 0.5000, -0.5000])
     """
 
     requires: tuple[str, ...]

@@ -46,6 +46,19 @@ class TokenWeighter(Protocol):
     Call:
         ``(scores: Mapping[str, Tensor [B, T]], rollout, *, reducer=None) -> Tensor [B, T]``,
         float >= 0, 0 on padding.
+
+    Examples:
+        >>> import attrs, torch, rlcredit
+        >>> @attrs.frozen
+        ... class Squared:  # weight = score ** 2 on the strategy's single score
+        ...     requires = ("score:",)
+        ...     def __call__(self, scores, rollout, *, reducer=None):
+        ...         (s,) = scores.values()
+        ...         return s ** 2
+        >>> r = rlcredit.Rollout(torch.ones(1, 2, dtype=torch.bool), torch.tensor([1.0]), torch.tensor([0]),
+        ...                      signals={"h": torch.tensor([[0.5, 2.0]])})
+        >>> rlcredit.Strategy(estimators={"h": {"name": "signal", "key": "h"}}, weighter=Squared()).assign(r).token_weights
+        tensor([[0.2500, 4.0000]])
     """
 
     requires: tuple[str, ...]
