@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from rlcredit.functional import fused_token_kl, selected_logprobs, token_entropy, token_kl
+from rlcredit.errors import RolloutError
 from tests.strategies import right_padded_mask
 
 
@@ -216,3 +217,16 @@ def test_no_full_batch_vocabulary_temporary(kernel):
     with torch.no_grad(), _LargestAllocation() as naive:  # the probe does see a full temporary
         torch.log_softmax(lp, -1)
     assert naive.largest == B * T * V
+
+
+def test_token_entropy_mask_computes_valid_positions_only():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 11, generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.4
+    full = token_entropy(logits)
+    masked = token_entropy(logits, mask, chunk_size=2)
+    torch.testing.assert_close(masked, torch.where(mask, full, torch.zeros(())))
+    logits[~mask] = float("nan")  # never read: padding logits may be garbage
+    torch.testing.assert_close(token_entropy(logits, mask), torch.where(mask, full, torch.zeros(())))
+    with pytest.raises(RolloutError, match="`mask` must be a bool tensor of shape \\[3, 5\\]"):
+        token_entropy(logits, mask.float())

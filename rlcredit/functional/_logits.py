@@ -77,7 +77,11 @@ def _kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
 
 
 def token_entropy(
-    logits: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = 32
+    logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 32,
 ) -> torch.Tensor:
     """Entropy of the next-token distribution at every position, chunked over rows.
 
@@ -93,11 +97,13 @@ def token_entropy(
 
     Args:
         logits: ``[..., V]`` logits, e.g. ``[B, T, V]``, any float dtype.
+        mask: optional ``[...]`` bool (e.g. ``[B, T]``); only its True positions are computed, the
+            others are 0 (as in :func:`token_kl`).
         temperature: ``> 0``, the sampling temperature.
         chunk_size: rows of the flattened ``[N, V]`` logits per float32 chunk.
 
     Returns:
-        ``[...]`` float32 entropies (``[B, T]`` for ``[B, T, V]`` logits).
+        ``[...]`` float32 entropies (``[B, T]`` for ``[B, T, V]`` logits), 0 where ``mask`` is False.
 
     Examples:
         >>> import torch
@@ -105,11 +111,20 @@ def token_entropy(
         >>> logits = torch.tensor([[[0.0, 0.0], [0.0, float("-inf")]]])  # uniform, one-hot
         >>> token_entropy(logits)  # log 2 and 0
         tensor([[0.6931, 0.0000]])
+        >>> token_entropy(logits, torch.tensor([[False, True]]))
+        tensor([[0., 0.]])
     """
     fn = "token_entropy"
     logits = _check_vocab_tensor(fn, "logits", logits)
     _check_hparams(fn, temperature, chunk_size)
     lead, V = logits.shape[:-1], logits.shape[-1]
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(lead):
+            got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise RolloutError(f"{fn}: `mask` must be a bool tensor of shape {list(lead)} (logits without V), got {got}.")
+        # Only valid positions go through the vocabulary (one sync to size them, as in token_kl).
+        out = torch.zeros(lead, dtype=torch.float32, device=logits.device)
+        return out.masked_scatter(mask, token_entropy(logits[mask], temperature=temperature, chunk_size=chunk_size))
     flat = logits.reshape(-1, V)
     parts = [
         _entropy_rows(_scaled(flat[s : s + chunk_size], temperature))
