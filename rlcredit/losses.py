@@ -16,7 +16,9 @@ from rlcredit import functional as F
 from rlcredit._components import in_range, one_of
 from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
+from rlcredit.functional._checks import float_mask
 from rlcredit.functional._gspo import sequence_log_ratio
+from rlcredit.functional._loss import fused_surrogate, loss_scale
 from rlcredit.registry import register
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
 
@@ -68,6 +70,14 @@ def _check_aggregation_options(loss_fn: ClippedSurrogate | GSPO) -> None:
         raise SpecError(
             f"{name}: max_length is only used by aggregation 'seq_mean_token_sum_norm', got aggregation "
             f"{loss_fn.aggregation!r}; drop max_length or change the aggregation."
+        )
+
+
+def check_credit(rollout: Rollout, credit: Credit, who: str) -> None:
+    if tuple(credit.token_weights.shape) != tuple(rollout.response_mask.shape):
+        raise RolloutError(
+            f"{who}: credit is for shape {list(credit.token_weights.shape)} but the rollout is "
+            f"{list(rollout.response_mask.shape)}; select the same rows from both."
         )
 
 
@@ -153,48 +163,64 @@ class ClippedSurrogate:
     def __call__(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
                  reducer: Reducer | None = None) -> LossOutput:
         check_logprobs(logprobs, rollout, "clipped_surrogate")
-        old = rollout.old_logprobs if rollout.old_logprobs is not None else logprobs.detach()
-        per_token, clipped = F.clipped_surrogate(
-            logprobs, old, credit.advantages,
-            clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
+        check_credit(rollout, credit, "clipped_surrogate")
+        mask = rollout.response_mask
+        old = rollout.old_logprobs
+        # On-policy: logp_old = logp.detach(), with padding zeroed (the fused sums need it finite).
+        old = torch.where(mask, logprobs.detach().float(), 0.0) if old is None else old.float()
+        adv = credit.advantages.float()
+        if adv.device != mask.device or logprobs.device != mask.device:
+            raise RolloutError(
+                f"clipped_surrogate: logprobs ({logprobs.device}), advantages ({adv.device}) and the rollout "
+                f"({mask.device}) must be on one device; move them with `.to({str(mask.device)!r})`."
+            )
+        agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer}
+        lin_coef = F.loss_coefficients(mask, None, **agg) if self.entropy_penalty > 0 else None
+        # Weights are 0 on padding by contract; the product with the mask makes it so for a
+        # hand-made Credit too. fused_surrogate takes this buffer over (no copy).
+        coef = float_mask(mask).mul_(credit.token_weights)
+        coef.mul_(loss_scale(mask, coef, renormalize=self.renormalize, **agg))
+        pg_loss, logp_sum, active = fused_surrogate(
+            logprobs, old, adv, coef, mask, clip_low=self.clip_low, clip_high=self.clip_high,
+            dual_clip=self.dual_clip, logprob_coefficients=lin_coef,
         )
-        return _surrogate_output(self, "clipped_surrogate", per_token, clipped, logprobs, rollout, credit, reducer)
+
+        def clip_fraction() -> Tensor:  # the valid tokens without gradient (padding has active = 1)
+            m = float_mask(mask)
+            return 1.0 - torch.dot(active.reshape(-1), m.reshape(-1)) / m.sum().clamp_min(1.0)
+
+        neg_logp = None if logp_sum is None else -logp_sum
+        return _surrogate_output(self, "clipped_surrogate", pg_loss, neg_logp, clip_fraction, logprobs, rollout,
+                                 credit, reducer)
 
 
-def _surrogate_output(loss_fn: ClippedSurrogate | GSPO, who: str, per_token: Tensor, clipped: Tensor,
-                      logprobs: Tensor, rollout: Rollout, credit: Credit, reducer: Reducer | None) -> LossOutput:
-    """The part every surrogate loss shares: weighted aggregation, KL and entropy terms, metrics.
+def _surrogate_output(loss_fn: ClippedSurrogate | GSPO, who: str, pg_loss: Tensor, neg_logp: Tensor | None,
+                      clip_fraction: Any, logprobs: Tensor, rollout: Rollout, credit: Credit,
+                      reducer: Reducer | None) -> LossOutput:
+    """The part every surrogate loss shares: the KL and entropy terms and the metrics.
 
-    ``loss_fn`` supplies ``aggregation``, ``renormalize``, ``max_length``, ``kl_coef`` and
-    ``entropy_penalty``; ``per_token``/``clipped`` are ``[B, T]`` from a per-token surrogate.
+    ``loss_fn`` supplies ``aggregation``, ``max_length``, ``kl_coef`` and ``entropy_penalty``;
+    ``pg_loss`` is the aggregated weighted surrogate, ``neg_logp`` the aggregated ``-logp``
+    (when ``entropy_penalty > 0``) and ``clip_fraction`` a thunk for the metric.
     """
     mask = rollout.response_mask
-
-    def agg(x: Tensor, weights: Tensor | None, renormalize: bool) -> Tensor:
-        return F.aggregate(x, mask, weights, mode=loss_fn.aggregation, renormalize=renormalize,
-                           max_length=loss_fn.max_length, reducer=reducer)
-
-    weights = credit.token_weights
-    loss = pg_loss = agg(per_token, weights, loss_fn.renormalize)
+    loss = pg_loss
     metrics: dict[str, Any] = {}
     if loss_fn.kl_coef > 0:
         if rollout.ref_logprobs is None:
             raise RolloutError(f"{who}: kl_coef > 0 needs rollout.ref_logprobs; pass them or set kl_coef=0.")
-        kl = agg(F.k3_kl(logprobs, rollout.ref_logprobs), None, False)
+        kl = F.aggregate(F.k3_kl(logprobs, rollout.ref_logprobs), mask, mode=loss_fn.aggregation,
+                         max_length=loss_fn.max_length, reducer=reducer)
         loss = loss + loss_fn.kl_coef * kl
         metrics["kl"] = kl.detach()
     if loss_fn.entropy_penalty > 0:
-        neg_logp = agg(-logprobs.float(), None, False)
         loss = loss + loss_fn.entropy_penalty * neg_logp
         metrics["neg_logprob"] = neg_logp.detach()
     metrics["pg_loss"] = pg_loss.detach()
-
-    def n_valid() -> Tensor:
-        return mask.sum().clamp_min(1).float()
-
     # Computed on first access only: a step that logs nothing pays nothing. Weights are 0 on padding.
-    metrics["clip_fraction"] = lambda: (clipped & mask).sum() / n_valid()
-    metrics["kept_fraction"] = lambda: (weights > 0).sum() / n_valid()
+    weights = credit.token_weights
+    metrics["clip_fraction"] = clip_fraction
+    metrics["kept_fraction"] = lambda: (weights > 0).sum() / mask.sum().clamp_min(1).float()
     return LossOutput(loss=loss, metrics=LazyMetrics(metrics))
 
 
@@ -270,6 +296,7 @@ class GSPO:
     def __call__(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
                  reducer: Reducer | None = None) -> LossOutput:
         check_logprobs(logprobs, rollout, "gspo")
+        check_credit(rollout, credit, "gspo")
         mask = rollout.response_mask
         old = rollout.old_logprobs if rollout.old_logprobs is not None else logprobs.detach()
         log_ratio = sequence_log_ratio(logprobs, old, mask)
@@ -278,4 +305,8 @@ class GSPO:
             log_ratio, torch.zeros_like(log_ratio), credit.advantages,
             clip_low=self.clip_low, clip_high=self.clip_high, mask=mask,
         )
-        return _surrogate_output(self, "gspo", per_token, clipped, logprobs, rollout, credit, reducer)
+        agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer}
+        pg_loss = F.aggregate(per_token, mask, credit.token_weights, renormalize=self.renormalize, **agg)
+        neg_logp = F.aggregate(-logprobs.float(), mask, **agg) if self.entropy_penalty > 0 else None
+        clip_fraction = lambda: (clipped & mask).sum() / mask.sum().clamp_min(1).float()  # noqa: E731
+        return _surrogate_output(self, "gspo", pg_loss, neg_logp, clip_fraction, logprobs, rollout, credit, reducer)

@@ -16,7 +16,7 @@ from rlcredit._components import (
 from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.estimators import DependencyEstimator
-from rlcredit.losses import ClippedSurrogate, check_logprobs
+from rlcredit.losses import ClippedSurrogate, check_credit, check_logprobs
 from rlcredit.registry import build_component, component_spec
 from rlcredit.rollout import Credit, EstimatorOutput, LazyMetrics, LossOutput, Rollout
 from rlcredit.shapers import GroupNormalize
@@ -203,11 +203,7 @@ class Strategy:
             :class:`rlcredit.LossOutput`.
         """
         check_logprobs(logprobs, rollout, "Strategy.loss")
-        if tuple(credit.token_weights.shape) != tuple(rollout.response_mask.shape):
-            raise RolloutError(
-                f"Strategy.loss: credit is for shape {list(credit.token_weights.shape)} but the rollout is "
-                f"{list(rollout.response_mask.shape)}; select the same rows from both."
-            )
+        check_credit(rollout, credit, "Strategy.loss")
         self._check_requirements(rollout, True, [(f"policy_loss {type(self.policy_loss).__name__}", self.policy_loss)])
         return self.policy_loss(logprobs, rollout, credit, reducer=reducer)
 

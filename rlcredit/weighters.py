@@ -27,6 +27,7 @@ from rlcredit._components import (
 )
 from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
+from rlcredit.functional._checks import float_mask
 from rlcredit.functional._stapo import spurious_token_mask
 from rlcredit.registry import register
 from rlcredit.rollout import Rollout
@@ -85,7 +86,7 @@ class Uniform:
     requires = ()
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
-        return rollout.response_mask.float()
+        return float_mask(rollout.response_mask)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class TopFraction:
         s = pick_score(scores, self.score, "weighter top_fraction")
         keep = F.top_fraction_mask(s, rollout.response_mask, self.fraction, self.scope,
                                    group_ids=rollout.group_ids, reducer=reducer)
-        return keep.float()
+        return float_mask(keep)
 
 
 @register("weighter", "threshold")
@@ -231,7 +232,7 @@ class Threshold:
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
         s = pick_score(scores, self.score, "weighter threshold")
-        return (rollout.response_mask & (s.float() >= self.value)).float()
+        return float_mask(rollout.response_mask & (s.float() >= self.value))
 
 
 @register("weighter", "soft")
@@ -394,7 +395,7 @@ class Complement:
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
         w = _part_weights(self.part, scores, rollout, reducer, "complement")
-        return (rollout.response_mask & (w == 0)).float()
+        return float_mask(rollout.response_mask & (w == 0))
 
 
 # --- STAPO ------------------------------------------------------------------------------------
@@ -469,4 +470,4 @@ class Stapo:
             entropy, rollout.old_logprobs, positive, rollout.response_mask,
             prob_threshold=self.prob_threshold, entropy_quantile=self.entropy_quantile, reducer=reducer,
         )
-        return (rollout.response_mask & ~spurious).float()
+        return float_mask(rollout.response_mask & ~spurious)

@@ -15,6 +15,7 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit._components import POLICY, in_range, one_of, to_component
 from rlcredit.errors import AdapterError, RolloutError, SpecError
+from rlcredit.functional._checks import float_mask
 from rlcredit.registry import register
 from rlcredit.rollout import Rollout
 from rlcredit_mm.perturb import PatchBlackout
@@ -113,11 +114,9 @@ class VisualKL:
         mask = rollout.response_mask
         with torch.no_grad():
             if self.estimate == "k3":
-                score = self._k3(rollout, policy)
-            else:
-                score = self._kl(rollout, self._check_policy(rollout, policy))
-        score = score.float().to(mask.device)
-        return torch.where(mask, score, torch.zeros((), device=mask.device)).detach()
+                return self._k3(rollout, policy)  # float32, 0 on padding
+            score = self._kl(rollout, self._check_policy(rollout, policy)).float().to(mask.device)
+            return torch.where(mask, score, torch.zeros((), device=mask.device))
 
     # --- pieces ---------------------------------------------------------------------------------
 
@@ -166,8 +165,10 @@ class VisualKL:
             )
         aug, base = aug.to(mask.device).float(), base.to(mask.device).float()
         # k3_kl clamps d = aug - base to [-20, 20] before exp (a -inf log-prob stays finite); VPPO
-        # then caps the score at 10.
-        return F.k3_kl(base, aug, mask).clamp(0.0, 10.0)
+        # then caps the score at 10. Both inputs are finite everywhere (the rollout checks its
+        # tensors, the policy gives 0 on padding), so the product with the 0/1 mask zeroes padding
+        # exactly, several times faster on CPU than a where() with a bool condition.
+        return F.k3_kl(base, aug).clamp_(0.0, 10.0).mul_(float_mask(mask))
 
     def _kl(self, rollout: Rollout, policy: Any) -> Tensor:
         mask = rollout.response_mask

@@ -12,7 +12,8 @@ Groups of rollouts:
     (RLOO), :func:`overlong_penalty` (DAPO reward shaping).
 Losses:
     :func:`clipped_surrogate`, :func:`aggregate` (the four modes in :data:`AGGREGATIONS`),
-    :func:`k3_kl`, :func:`masked_mean`.
+    :func:`k3_kl`, :func:`masked_mean`, :func:`loss_coefficients` (the linear form of
+    :func:`aggregate`).
 Per-token quantities of the full vocabulary (chunked over rows):
     :func:`token_entropy`, :func:`selected_logprobs`, :func:`token_kl`, :func:`fused_token_kl`.
 Selection and shaping:
@@ -21,7 +22,14 @@ Selection and shaping:
 
 from rlcredit.functional._group import group_center, group_normalize, leave_one_out, overlong_penalty
 from rlcredit.functional._logits import fused_token_kl, selected_logprobs, token_entropy, token_kl
-from rlcredit.functional._loss import AGGREGATIONS, aggregate, clipped_surrogate, k3_kl, masked_mean
+from rlcredit.functional._loss import (
+    AGGREGATIONS,
+    aggregate,
+    clipped_surrogate,
+    k3_kl,
+    loss_coefficients,
+    masked_mean,
+)
 from rlcredit.functional._reduce import Reducer
 from rlcredit.functional._select import SCOPES, top_fraction_mask
 from rlcredit.functional._shaping import dependency_scale
@@ -38,6 +46,7 @@ __all__ = [
     "group_normalize",
     "k3_kl",
     "leave_one_out",
+    "loss_coefficients",
     "masked_mean",
     "overlong_penalty",
     "selected_logprobs",

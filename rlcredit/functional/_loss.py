@@ -14,10 +14,14 @@ from rlcredit.functional._checks import (
     check_real,
     check_same_shape,
     check_shape,
+    count,
+    float_mask,
 )
 from rlcredit.functional._reduce import Reducer, all_max, all_sum, world_size
 
-__all__ = ["AGGREGATIONS", "aggregate", "clipped_surrogate", "k3_kl", "masked_mean"]
+__all__ = [
+    "AGGREGATIONS", "aggregate", "clipped_surrogate", "k3_kl", "loss_coefficients", "masked_mean",
+]
 
 #: The loss aggregation modes of :func:`aggregate` (verl's names with ``_`` for ``-``).
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
@@ -142,7 +146,7 @@ def clipped_surrogate(
         loss = torch.where(capped, cap.expand_as(loss), loss)
         is_clipped = is_clipped | capped
     if mask is not None:
-        loss = torch.where(mask, loss, torch.zeros_like(loss))
+        loss = torch.where(mask, loss, torch.zeros((), device=loss.device))
         is_clipped = is_clipped & mask
     return loss, is_clipped
 
@@ -183,11 +187,14 @@ def k3_kl(
     check_float(fn, "ref_logprobs", ref_logprobs)
     mask = _opt_mask(fn, mask, "logprobs", logprobs)
     check_device(fn, [("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("mask", mask)])
-    d = (ref_logprobs.float() - logprobs.float()).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-    kl = torch.expm1(d) - d
-    if mask is not None:
-        kl = torch.where(mask, kl, torch.zeros_like(kl))
-    return kl
+    d = (ref_logprobs.float() - logprobs.float()).clamp_(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    zero = torch.zeros((), device=d.device)
+    if d.requires_grad:
+        kl = torch.expm1(d) - d
+        return kl if mask is None else torch.where(mask, kl, zero)
+    # No graph records it: in place (on CPU a fresh [B, T] buffer costs page faults).
+    kl = torch.expm1(d).sub_(d)
+    return kl if mask is None else torch.where(mask, kl, zero, out=kl)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -309,34 +316,185 @@ def aggregate(
                 f"{mode!r}; drop `max_length` or change the mode."
             )
 
-    device = per_token.device
-    zero = torch.zeros((), device=device)
-    w = None if weights is None else torch.where(mask, weights.float(), zero)
     # where(), not a product with the mask: 0 * inf and 0 * nan on padding would poison the sum
     # and, through the product's backward, the gradient of every padding position.
-    x = per_token.float() if w is None else per_token.float() * w
-    x = torch.where(mask, x, zero)
+    zero = torch.zeros((), device=per_token.device)
+    w = None if weights is None else torch.where(mask, weights.float(), zero)
+    coef = loss_coefficients(mask, w, mode=mode, renormalize=renormalize, max_length=max_length, reducer=reducer)
+    return (torch.where(mask, per_token.float(), zero) * coef).sum()
+
+
+def loss_coefficients(
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    mode: str = "token_mean",
+    renormalize: bool = False,
+    max_length: int | None = None,
+    reducer: Reducer | None = None,
+) -> torch.Tensor:
+    """The ``[B, T]`` float32 ``c`` with ``aggregate(x, mask, weights, ...) == sum(c * x)``.
+
+    Every aggregation is linear in the per-token loss, so it is a weighted sum whose weight of
+    token ``(i, t)`` is ``c_{i,t} = R * w_{i,t} / den_{i}``, ``den`` being the mode's denominator
+    (see :func:`aggregate`; ``R`` ranks). This is also the gradient of the aggregated loss
+    w.r.t. each token's loss. Unchecked: called by :func:`aggregate` and the fused surrogate
+    after their own checks.
+
+    Args:
+        mask: ``[B, T]`` bool, True on valid tokens.
+        weights: ``[B, T]`` float32 token weights, finite, ``>= 0`` and **0 on padding**; None
+            for all 1.
+        mode, renormalize, max_length, reducer: as in :func:`aggregate`.
+
+    Returns:
+        ``[B, T]`` float32 coefficients, 0 on padding.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import aggregate, loss_coefficients
+        >>> mask = torch.tensor([[True, True, True], [True, False, False]])
+        >>> loss_coefficients(mask, mode="seq_mean_token_mean")  # 1 / (B * T_i)
+        tensor([[0.1667, 0.1667, 0.1667],
+                [0.5000, 0.0000, 0.0000]])
+        >>> x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+        >>> (loss_coefficients(mask, mode="seq_mean_token_mean") * x).sum(), aggregate(x, mask, mode="seq_mean_token_mean")
+        (tensor(3.), tensor(3.))
+    """
+    w = float_mask(mask) if weights is None else weights
+    scale = loss_scale(mask, weights, mode=mode, renormalize=renormalize, max_length=max_length, reducer=reducer)
+    return w.mul_(scale) if weights is None else w * scale
+
+
+def loss_scale(
+    mask: torch.Tensor,
+    weights: torch.Tensor | None,
+    *,
+    mode: str,
+    renormalize: bool,
+    max_length: int | None,
+    reducer: Reducer | None,
+) -> torch.Tensor:
+    """The factor of :func:`loss_coefficients`: ``c = w * scale``, ``scale`` 0-d or ``[B, 1]``."""
+    device = mask.device
     R = world_size(reducer)
-    B, T = per_token.shape
-
+    B, T = mask.shape
     if mode == "token_mean":
-        den = (mask.sum() if (w is None or not renormalize) else w.sum()).reshape(1)
+        den = (weights.sum() if weights is not None and renormalize else count(mask)).reshape(1)
         den = all_sum(den, reducer).float().reshape(())
-        return R * x.sum() / torch.where(den > 0, den, torch.ones_like(den))
-
-    if mode == "seq_mean_token_mean":
-        row_den = mask.sum(-1).float() if (w is None or not renormalize) else w.sum(-1)
-        row = x.sum(-1) / torch.where(row_den > 0, row_den, torch.ones_like(row_den))
-        num = row.sum()
-    else:
-        num = x.sum()
+        return R / torch.where(den > 0, den, torch.ones_like(den))
     rows = all_sum(torch.tensor([B], device=device), reducer).float().reshape(())
     rows = torch.where(rows > 0, rows, torch.ones_like(rows))
-    if mode == "seq_mean_token_sum_norm":
-        if max_length is None:
-            length = all_max(torch.tensor([T], device=device), reducer).float().reshape(())
-            length = length.clamp_min(1.0)
-        else:
-            length = torch.tensor(float(max_length), device=device)
-        return R * num / (rows * length)
-    return R * num / rows
+    if mode == "seq_mean_token_mean":
+        row_den = weights.sum(-1) if weights is not None and renormalize else count(mask, -1).float()
+        row_den = torch.where(row_den > 0, row_den, torch.ones_like(row_den))
+        return (R / (row_den * rows))[:, None]
+    if mode == "seq_mean_token_sum":
+        return R / rows
+    if max_length is None:
+        length = all_max(torch.tensor([T], device=device), reducer).float().reshape(()).clamp_min(1.0)
+    else:
+        length = torch.tensor(float(max_length), device=device)
+    return R / (rows * length)
+
+
+class _SurrogateSums(torch.autograd.Function):
+    """``(sum_t c_t l_t, sum_t e_t logp_t)`` with the gradient computed in the forward pass.
+
+    Autograd through :func:`clipped_surrogate` and :func:`aggregate` records about twenty
+    elementwise ops and replays as many in the backward; here the gradient
+    ``d/dlogp sum_t c_t l_t = -c_t A_t rho_t`` on tokens inside their clip bounds (0 elsewhere)
+    comes out of the same few passes that give the value, and the backward is one multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, logprobs, old, neg_adv, lo, hi, coef, lin_coef, mask):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        # where(), not a product: padding log-probs may be NaN or inf. In place from here on: on
+        # CPU every fresh [B, T] buffer costs page faults comparable to the arithmetic.
+        d = logprobs.float() - old
+        torch.where(mask, d, torch.zeros((), device=d.device), out=d)
+        # sum_t e_t logp_t over valid tokens, as sum e (logp - old) + sum e old (old is finite).
+        lin = None
+        if lin_coef is not None:
+            lin = torch.dot(lin_coef.reshape(-1), d.reshape(-1)) + torch.dot(lin_coef.reshape(-1), old.reshape(-1))
+        ratio = d.clamp_(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND).exp_()
+        # The ratio the pessimistic (and dual) clip keeps (max/min: faster than clamp with tensor bounds).
+        kept = torch.maximum(ratio, lo)
+        torch.minimum(kept, hi, out=kept)
+        weighted = coef.mul_(neg_adv)  # c_t * (-A_t), in the caller's buffer; l_t = -A_t * kept_t
+        pg = torch.dot(weighted.reshape(-1), kept.reshape(-1))
+        active = torch.eq(kept, ratio, out=kept)  # 1.0 where the gradient flows
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(weighted.mul_(ratio).mul_(active), lin_coef)
+            ctx.in_dtype = logprobs.dtype
+        ctx.mark_non_differentiable(active)
+        return pg, lin, active
+
+    @staticmethod
+    def backward(ctx, grad_pg, grad_lin, grad_active):  # type: ignore[override]
+        g, lin_coef = ctx.saved_tensors
+        grad = None
+        if grad_pg is not None:
+            grad = g * grad_pg
+        if grad_lin is not None and lin_coef is not None:
+            grad = lin_coef * grad_lin if grad is None else grad.addcmul_(lin_coef, grad_lin)
+        return (None if grad is None else grad.to(ctx.in_dtype)), None, None, None, None, None, None, None
+
+
+def fused_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    coefficients: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None = None,
+    logprob_coefficients: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Fused ``sum(c * clipped_surrogate(...))`` and ``sum(e * logprobs)`` over valid tokens.
+
+    Equal in value and gradient to ``(torch.where(mask, l, 0) * c).sum()`` with ``l`` from
+    :func:`clipped_surrogate` (and ``(torch.where(mask, logprobs, 0) * e).sum()``), in a third
+    of the passes. The per-token loss is ``l_t = -A_t * clamp(rho_t, lo_t, hi_t)``, which is the
+    pessimistic clip: ``[0, 1 + clip_high]`` for ``A > 0``, ``[1 - clip_low, dual_clip or inf]``
+    for ``A < 0``, no bound for ``A = 0``; the gradient flows where the clamp keeps ``rho``.
+    Internal to ``ClippedSurrogate``, unchecked: ``old_logprobs`` float32 and finite,
+    ``advantages`` float32 ``[B]`` or ``[B, T]`` and finite, ``coefficients`` and
+    ``logprob_coefficients`` float32 ``[B, T]``, finite and 0 on padding (see
+    :func:`loss_coefficients`); ``logprobs`` any float dtype, padding may be non-finite.
+    **``coefficients`` is overwritten** (it becomes the saved gradient: one [B, T] buffer less,
+    which on CPU saves page faults that cost as much as the arithmetic).
+
+    Returns:
+        ``(pg, lin, active)``: the weighted loss sum (differentiable), ``sum(e * logprobs)`` or
+        None, and a ``[B, T]`` float32 that is 1 where the gradient flows (0 where a clip set
+        the loss; 1 on padding).
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import aggregate, clipped_surrogate, loss_coefficients
+        >>> from rlcredit.functional._loss import fused_surrogate
+        >>> mask = torch.tensor([[True, True, True], [True, True, False]])
+        >>> logp = torch.tensor([[-0.5, -1.0, -2.0], [-1.0, -0.2, float("nan")]], requires_grad=True)
+        >>> old, adv = torch.full((2, 3), -1.0), torch.tensor([1.0, -1.0])
+        >>> c = loss_coefficients(mask)  # token_mean: 1/5 on every valid token
+        >>> pg, _, active = fused_surrogate(logp, old, adv, c, mask, clip_low=0.2, clip_high=0.2)
+        >>> per_token, clipped = clipped_surrogate(logp, old, adv, mask=mask)
+        >>> torch.allclose(pg, aggregate(per_token, mask)), active  # rho = e^0.5 > 1.2 is clipped
+        (True, tensor([[0., 1., 1.],
+                [1., 1., 1.]]))
+        >>> pg.backward(); logp.grad  # -c A rho where the clip keeps rho; NaN padding gets 0
+        tensor([[-0.0000, -0.2000, -0.0736],
+                [ 0.2000,  0.4451,  0.0000]])
+    """
+    neg = advantages < 0
+    inf = torch.full((), float("inf"), device=advantages.device)
+    lo = torch.where(neg, 1.0 - clip_low, 0.0)
+    hi = torch.where(advantages > 0, 1.0 + clip_high, inf if dual_clip is None else torch.where(neg, dual_clip, inf))
+    neg_adv = -advantages
+    if advantages.dim() == 1:
+        lo, hi, neg_adv = lo[:, None], hi[:, None], neg_adv[:, None]
+    return _SurrogateSums.apply(logprobs, old_logprobs, neg_adv, lo, hi, coefficients, logprob_coefficients, mask)
