@@ -187,7 +187,8 @@ class ClippedSurrogate:
 
         def clip_fraction() -> Tensor:  # the valid tokens without gradient (padding has active = 1)
             m = float_mask(mask)
-            return 1.0 - torch.dot(active.reshape(-1), m.reshape(-1)) / m.sum().clamp_min(1.0)
+            n = m.sum()
+            return (n - torch.dot(active.reshape(-1), m.reshape(-1))) / n.clamp_min(1.0)
 
         neg_logp = None if logp_sum is None else -logp_sum
         return _surrogate_output(self, "clipped_surrogate", pg_loss, neg_logp, clip_fraction, logprobs, rollout,
