@@ -199,8 +199,9 @@ def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, device:
     # glibc raises its mmap threshold after the first large free, so the warm-up call's buffers
     # would be recycled from the heap and never show in RSS again; fixed thresholds keep every
     # large tensor in its own mapping, returned to the OS on free (RSS then tracks live tensors).
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    # (Set, not defaulted: the timing runs' steady allocator settings must not leak in here.)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks._util", _CHILD_FLAG, spec],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

@@ -161,3 +161,23 @@ def count(mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
     out = mask.sum(dtype=dtype) if dim is None else mask.sum(dim, dtype=dtype)
     return out.long()
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fill_outside_(x: torch.Tensor, mask: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """In place, ``x[~mask] = value`` for a float ``x``; returns ``x``.
+
+    Same result as ``torch.where(mask, x, value, out=x)`` (NaN and inf in ``x`` included, as
+    nothing is multiplied), done on the bits: ``x & m | ~m & bits(value)`` with ``m`` all ones
+    where ``mask``. On CPU a ``where`` with a bool condition takes a scalar path, 5-10x slower.
+    """
+    itype = _INT_OF_SIZE[x.element_size()]
+    keep = mask.view(torch.uint8).to(itype).neg_()  # -1 (all bits set) where mask, else 0
+    bits = x.view(itype)
+    bits.bitwise_and_(keep)
+    fill = int(torch.tensor(value, dtype=x.dtype).view(itype))
+    if fill:
+        bits.bitwise_or_(keep.bitwise_not_().bitwise_and_(fill))
+    return x

@@ -15,6 +15,7 @@ from rlcredit.functional._checks import (
     check_same_shape,
     check_shape,
     count,
+    fill_outside_,
     float_mask,
 )
 from rlcredit.functional._reduce import Reducer, all_max, all_sum, world_size
@@ -410,10 +411,9 @@ class _SurrogateSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, old, neg_adv, lo, hi, coef, lin_coef, mask):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        # where(), not a product: padding log-probs may be NaN or inf. In place from here on: on
-        # CPU every fresh [B, T] buffer costs page faults comparable to the arithmetic.
-        d = logprobs.float() - old
-        torch.where(mask, d, torch.zeros((), device=d.device), out=d)
+        # A select, not a product: padding log-probs may be NaN or inf. In place from here on:
+        # on CPU every fresh [B, T] buffer costs page faults comparable to the arithmetic.
+        d = fill_outside_(logprobs.float() - old, mask)
         # sum_t e_t logp_t over valid tokens, as sum e (logp - old) + sum e old (old is finite).
         lin = None
         if lin_coef is not None:

@@ -18,6 +18,7 @@ from rlcredit.functional._checks import (
     check_same_shape,
     check_shape,
     count,
+    fill_outside_,
 )
 from rlcredit.functional._reduce import Reducer, all_gather, segment_ids, world_size
 
@@ -62,7 +63,7 @@ def rank_key(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """float32 sort key: valid scores finite (NaN lowest), padding strictly below all of them."""
     fin = torch.finfo(torch.float32)
     key = torch.nan_to_num(scores.float(), nan=fin.min, posinf=fin.max, neginf=fin.min)
-    return torch.where(mask, key, torch.full((), float("-inf"), device=key.device), out=key)  # in place: no second [B, T] buffer
+    return fill_outside_(key, mask, float("-inf"))  # in place: no second [B, T] buffer
 
 
 def quantile_linear(x: torch.Tensor, q: float, *, max_numel: int = _TORCH_QUANTILE_MAX_NUMEL) -> torch.Tensor:
@@ -195,7 +196,7 @@ def _sequence_top(key: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, p: int
     B, T = key.shape
     if T == 0:
         return mask.clone()
-    K = int(keep_counts(torch.tensor(T), p, q))  # a host int: the largest possible k_i
+    K = max(1, (T * p + q - 1) // q)  # ceil(p T / q) on the host: the largest possible k_i
     extra = torch.arange(K, device=key.device)[None, :] < (K - k)[:, None]
     padded = torch.cat([key, torch.where(extra, float("inf"), float("-inf"))], dim=1)
     # The K-th largest of T + K values is the (T + 1)-th smallest.
