@@ -1,12 +1,12 @@
-"""Cross-rank statistics: the :class:`Reducer` protocol, injected into every batch-scope statistic.
+"""Cross-rank statistics: the ``Reducer`` protocol, injected into every batch-scope statistic.
 
 rlcredit never starts processes and never reads a global process group on its own: a reducer is
 passed explicitly (``strategy.assign(..., reducer=r)``, ``strategy.loss(..., reducer=r)``). With a
 reducer over R ranks, every statistic equals the one computed by a single rank holding all rows,
 and per-rank losses average (as DDP averages gradients) to the single-rank loss.
 
-Two reducers ship: :class:`LocalReducer` (one process; every collective is the identity, the
-same as ``reducer=None``) and :class:`TorchDistributedReducer` (a ``torch.distributed`` process
+Two reducers ship: ``LocalReducer`` (one process; every collective is the identity, the
+same as ``reducer=None``) and ``TorchDistributedReducer`` (a ``torch.distributed`` process
 group: gloo on CPU, nccl on GPU). Anything with the same five members works, e.g. a wrapper
 over a verl/Ray worker group.
 """
@@ -66,7 +66,7 @@ class LocalReducer:
     """The single-process reducer: every collective is the identity (same as ``reducer=None``).
 
     ``world_size = 1`` and ``rank = 0``. ``sum`` of a bool tensor returns it counted (int64), as
-    :class:`TorchDistributedReducer` does, so kernels see one dtype whichever reducer they get.
+    ``TorchDistributedReducer`` does, so kernels see one dtype whichever reducer they get.
 
     Examples:
         >>> import torch
@@ -105,7 +105,7 @@ def _all_gather_single(out: Tensor, x: Tensor, group: Any) -> None:
 
 
 class TorchDistributedReducer:
-    """A :class:`Reducer` over a ``torch.distributed`` process group (gloo on CPU, nccl on GPU).
+    """A ``Reducer`` over a ``torch.distributed`` process group (gloo on CPU, nccl on GPU).
 
     Makes every batch statistic on R ranks equal the one a single process holding all rows
     computes (DESIGN §9): quantile thresholds and group statistics ``gather`` the few values they

@@ -1,6 +1,6 @@
 """The rlcredit error hierarchy.
 
-Every error the library raises on bad input is an :class:`RLCreditError` (itself a
+Every error the library raises on bad input is an ``RLCreditError`` (itself a
 ``ValueError``), and every message says what was wrong, what was expected and how to fix it.
 This module imports nothing: the functional layer may use it too.
 """
@@ -27,7 +27,7 @@ class RLCreditError(ValueError):
 class RolloutError(RLCreditError):
     """A tensor handed to rlcredit has the wrong shape, dtype, device or values.
 
-    Raised by :class:`rlcredit.Rollout` validation (the message names the field, the expected and
+    Raised by ``rlcredit.Rollout`` validation (the message names the field, the expected and
     the actual value), by functional kernels on mismatched inputs, and by ``Strategy.assign`` when a
     rollout lacks what a component ``requires``.
 

@@ -2,7 +2,7 @@
 
 An estimator is called once per rollout batch, under ``torch.no_grad()``, as
 ``estimator(rollout, policy=None)``, and returns ``[B, T]`` float scores with 0 on padding, or an
-:class:`rlcredit.EstimatorOutput` when it also produces auxiliary per-token data. Estimators are
+``rlcredit.EstimatorOutput`` when it also produces auxiliary per-token data. Estimators are
 per-token: every batch-scope statistic belongs to weighters, shapers and losses.
 """
 

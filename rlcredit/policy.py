@@ -208,7 +208,7 @@ class HFPolicy:
                 forward (how ``rlcredit_mm`` perturbs one chunk of pixels at a time).
 
         Returns:
-            :class:`TokenStats` with ``[B, T]`` tensors, 0 on padding.
+            ``TokenStats`` with ``[B, T]`` tensors, 0 on padding.
         """
         if not isinstance(response_mask, Tensor) or response_mask.dtype != torch.bool or response_mask.ndim != 2:
             raise RolloutError(f"HFPolicy: response_mask must be a [B, T] bool tensor, got {response_mask!r:.80}.")

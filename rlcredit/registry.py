@@ -158,7 +158,7 @@ def load_plugins(*, reload: bool = False) -> dict[str, str]:
     """Import every module of the ``rlcredit.plugins`` entry-point group (once).
 
     A plugin registers its components on import. A plugin that fails to import is reported with a
-    warning and recorded in :func:`plugin_errors`, never fatal.
+    warning and recorded in ``plugin_errors``, never fatal.
 
     Returns:
         The failures so far, ``entry-point name -> error``.
@@ -342,7 +342,7 @@ def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build(spec: Any, **overrides: Any):
-    """Build a :class:`rlcredit.Strategy` from a preset name, a spec dict, or a spec file.
+    """Build a ``rlcredit.Strategy`` from a preset name, a spec dict, or a spec file.
 
     Args:
         spec: a registered preset name (``"grpo"``, ``"vppo"``...); else a path to a JSON, YAML or
@@ -355,7 +355,7 @@ def build(spec: Any, **overrides: Any):
             ``weighter={"name": "top_fraction", "fraction": 0.2}``.
 
     Returns:
-        The :class:`rlcredit.Strategy`.
+        The ``rlcredit.Strategy``.
 
     Raises:
         RegistryError: an unknown preset or component name.

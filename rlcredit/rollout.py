@@ -1,4 +1,4 @@
-"""The data model: :class:`Rollout` in, :class:`Credit` out, :class:`LossOutput` from the loss.
+"""The data model: ``Rollout`` in, ``Credit`` out, ``LossOutput`` from the loss.
 
 All three are frozen attrs classes validated on construction, so a wrong shape, dtype, device or a
 non-finite value fails here, naming the field, instead of deep inside a kernel.
@@ -6,6 +6,7 @@ non-finite value fails here, naming the field, instead of deep inside a kernel.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Union
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from rlcredit.errors import RolloutError
+from rlcredit.functional._checks import count, float_mask
 
 __all__ = ["Rollout", "Credit", "LossOutput", "EstimatorOutput", "Rows"]
 
@@ -154,7 +156,7 @@ class Rollout:
             last ``T`` columns are the response, ``attention_mask``, pixel tensors...), or None.
 
     Every field is validated on construction: shapes, dtypes, one device, finite values (padding
-    included). A bad field raises :class:`rlcredit.RolloutError` naming it.
+    included). A bad field raises ``rlcredit.RolloutError`` naming it.
 
     Examples:
         >>> import torch, rlcredit
@@ -225,6 +227,28 @@ class Rollout:
     @property
     def device(self) -> torch.device:
         return self.response_mask.device
+
+    @functools.cached_property
+    def token_counts(self) -> Tensor:
+        """``[B]`` int64 number of valid response tokens of each row, computed once.
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> r = rlcredit.Rollout(torch.tensor([[True, True, False], [True, False, False]]),
+            ...                      torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+            >>> r.token_counts
+            tensor([2, 1])
+        """
+        return count(self.response_mask, -1)
+
+    @functools.cached_property
+    def float_mask(self) -> Tensor:
+        """``[B, T]`` float32 ``response_mask`` (1.0 on valid tokens, 0.0 on padding), computed once.
+
+        Shared by the components that weight by the mask (estimators, shapers, the loss): do not
+        modify it in place. ``select`` gives a new rollout with its own.
+        """
+        return float_mask(self.response_mask)
 
     def select(self, rows: Rows) -> Rollout:
         """The rollout restricted to ``rows`` (for mini/micro-batches of the loss).
@@ -340,7 +364,7 @@ class Credit:
 
 @attrs.frozen(eq=False)
 class LossOutput:
-    """What a :class:`~rlcredit.losses.PolicyLoss` returns.
+    """What a ``rlcredit.losses.PolicyLoss`` returns.
 
     Args:
         loss: scalar tensor, differentiable w.r.t. the log-probs it was computed from.

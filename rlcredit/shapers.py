@@ -17,7 +17,6 @@ from rlcredit import functional as F
 from rlcredit._components import in_range, optional_str, pick_score, score_requirement
 from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
-from rlcredit.functional._checks import count, float_mask
 from rlcredit.registry import register
 from rlcredit.rollout import Rollout
 
@@ -169,7 +168,7 @@ class DependencyScale:
 
     ``S_bar_i = sum_t S_{i,t} / T_i`` is the mean score of response ``i`` over its valid tokens;
     with ``n_i = clamp((S_bar_i - min S_bar) / (max S_bar - min S_bar), 0, 1)`` over ``scope``,
-    :func:`rlcredit.functional.dependency_scale` gives
+    ``rlcredit.functional.dependency_scale`` gives
 
     - ``beta_max=None`` (the released code, the ``vppo`` preset), mean-preserving:
       ``alpha_i = beta_min + n_i (1 - beta_min) / mu``, ``mu`` the mean of ``n`` over
@@ -233,12 +232,11 @@ class DependencyScale:
 
     def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
                  reducer: Reducer | None = None) -> Tensor:
-        mask = rollout.response_mask
         s = pick_score(scores, self.score, "shaper dependency_scale").float()
         # Scores are finite (Strategy checks them), so a product with the 0/1 mask is the masked
         # row sum (a where() with a bool condition is several times slower on CPU).
-        n = count(mask, -1)
-        mean = float_mask(mask).mul_(s).sum(-1) / n.clamp_min(1)
+        n = rollout.token_counts
+        mean = (rollout.float_mask * s).sum(-1) / n.clamp_min(1)
         alpha = F.dependency_scale(
             mean, n > 0,
             beta_min=self.beta_min, beta_max=self.beta_max, scope=self.scope, mean_scope=self.mean_scope,

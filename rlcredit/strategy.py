@@ -58,7 +58,7 @@ class Strategy:
     Parts may be objects or specs (a registered name or ``{"name": ..., **params}``). Left out, they
     default to GRPO: no estimators, ``uniform`` weighter, ``[group_normalize]``,
     ``clipped_surrogate``. At construction every score a weighter, shaper or loss reads must be
-    produced by an estimator (else :class:`rlcredit.SpecError`).
+    produced by an estimator (else ``rlcredit.SpecError``).
 
     Args:
         estimators: score name -> estimator.
@@ -128,12 +128,12 @@ class Strategy:
         """Compute scores, token weights and advantages for one rollout batch (no grad).
 
         Args:
-            rollout: the batch (:class:`rlcredit.Rollout`).
-            policy: an :class:`rlcredit.HFPolicy` for estimators that need the model, else None.
-            reducer: a :class:`rlcredit.distributed.Reducer` for batch statistics across ranks.
+            rollout: the batch (``rlcredit.Rollout``).
+            policy: an ``rlcredit.HFPolicy`` for estimators that need the model, else None.
+            reducer: a ``rlcredit.distributed.Reducer`` for batch statistics across ranks.
 
         Returns:
-            :class:`rlcredit.Credit` with ``scores``, ``token_weights [B, T]``, ``advantages`` and
+            ``rlcredit.Credit`` with ``scores``, ``token_weights [B, T]``, ``advantages`` and
             detached ``metrics``.
 
         Raises:
@@ -196,11 +196,11 @@ class Strategy:
         Args:
             logprobs: ``[B, T]`` log-probs of the response tokens under the current policy (with grad).
             rollout: the rollout, or ``rollout.select(rows)`` for a micro-batch.
-            credit: the credit from :meth:`assign`, or ``credit.select(rows)`` (same rows).
+            credit: the credit from ``assign``, or ``credit.select(rows)`` (same rows).
             reducer: for token-mean denominators across ranks.
 
         Returns:
-            :class:`rlcredit.LossOutput`.
+            ``rlcredit.LossOutput``.
         """
         check_logprobs(logprobs, rollout, "Strategy.loss")
         check_credit(rollout, credit, "Strategy.loss")

@@ -156,7 +156,7 @@ def _part_weights(part: Any, scores: Mapping[str, Tensor], rollout: Rollout, red
 class TopFraction:
     """Keep the highest-scoring ``fraction`` of the valid tokens of each sequence, group or batch.
 
-    A thin class over :func:`rlcredit.functional.top_fraction_mask`; weights are 0/1.
+    A thin class over ``rlcredit.functional.top_fraction_mask``; weights are 0/1.
 
     - ``scope="sequence"``: VPPO's Token-level Gradient Filtering (arXiv 2510.09285) keeps exactly
       ``k_i = ceil(fraction * T_i)`` tokens of each response (exact rational ceil; at least one when
@@ -206,7 +206,7 @@ class Threshold:
     """Keep the tokens whose score reaches a fixed value: ``w_{i,t} = 1[S_{i,t} >= value]``.
 
     A fixed cut, for scores with a meaningful scale (a KL in nats, an entropy, a probability);
-    use :class:`TopFraction` for a cut relative to the batch. 0 on padding.
+    use ``TopFraction`` for a cut relative to the batch. 0 on padding.
 
     Args:
         value: the threshold, a finite number (tokens with ``score >= value`` are kept).
@@ -338,7 +338,7 @@ class Union(_NAry):
     """Tokens kept by any part: the elementwise maximum of the parts' weights, ``w = max_p w^p``.
 
     On 0/1 masks this is the set union; on soft weights each token gets its largest weight, so
-    ``union >= every part``. Parts nest like :class:`Intersect`'s.
+    ``union >= every part``. Parts nest like ``Intersect``'s.
 
     Args:
         parts: one or more weighters.

@@ -4,7 +4,7 @@ An adapter is a small stateless object that knows, for one family of ``transform
 token id marks image positions, how ``pixel_values`` are laid out and how to split them by rows,
 where the language model's self-attention modules are, which normalisation the image processor
 applies (so that "black" means black), and which inputs transformers 5 silently needs. Adapters
-are a registered kind (``"adapter"``): :class:`rlcredit.HFPolicy` picks the first registered
+are a registered kind (``"adapter"``): ``rlcredit.HFPolicy`` picks the first registered
 adapter whose ``matches(config)`` is True, so supporting a new architecture is one class::
 
     @rlcredit.register("adapter", "my_vlm")
@@ -27,9 +27,9 @@ The transformers 5 traps they handle:
 
 - Qwen2-VL / Qwen2.5-VL need ``mm_token_type_ids`` (1 at image tokens) for multimodal RoPE;
   without it Qwen2-VL raises and Qwen2.5-VL silently falls back to 1-D positions.
-  :meth:`QwenVLAdapter.prepare_inputs` adds it when absent.
+  ``QwenVLAdapter.prepare_inputs`` adds it when absent.
 - Gemma3 attends bidirectionally inside an image only when ``token_type_ids`` are passed (its
-  processor returns them); :meth:`Gemma3Adapter.prepare_inputs` adds them when absent.
+  processor returns them); ``Gemma3Adapter.prepare_inputs`` adds them when absent.
 - Idefics3 / SmolVLM treat an all-zero image as padding: perturbations run in the processor's
   normalised space, where black is ``(0 - mean) / std``, not 0, and a real image that a
   perturbation leaves exactly zero gets one pixel nudged so it is not dropped.
@@ -134,7 +134,7 @@ class _BaseAdapter:
     image_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Inputs that belong to images (sliced by the rows that own the images)."""
     drop_keys: ClassVar[tuple[str, ...] | None] = None
-    """Inputs removed by :meth:`drop_images` (default: :attr:`image_keys`)."""
+    """Inputs removed by ``drop_images`` (default: ``image_keys``)."""
     image_mean: ClassVar[tuple[float, ...]] = CLIP_MEAN
     image_std: ClassVar[tuple[float, ...]] = CLIP_STD
     language_model_path: ClassVar[tuple[str, ...]] = ("model", "language_model")
@@ -202,7 +202,7 @@ class _BaseAdapter:
         return dict(inputs)
 
     def _slice_images(self, inputs: Mapping[str, Any], start: int, stop: int, B: int) -> dict[str, Any]:
-        """The image inputs of rows ``[start, stop)`` (keys of :attr:`image_keys`)."""
+        """The image inputs of rows ``[start, stop)`` (keys of ``image_keys``)."""
         raise NotImplementedError
 
     def slice_rows(self, inputs: Mapping[str, Any], rows: slice) -> dict[str, Any]:
@@ -248,7 +248,7 @@ class _BaseAdapter:
     def drop_images(self, inputs: Mapping[str, Any], config: Any) -> dict[str, Any]:
         """The same prompts without their images (VPPO's "no image" control), response columns kept last.
 
-        Each row's image placeholder tokens, and the :meth:`marker_token_ids` right next to them,
+        Each row's image placeholder tokens, and the ``marker_token_ids`` right next to them,
         are removed; rows are then left-padded (pad token, ``attention_mask`` 0) to the longest
         remaining row, so the response stays in the last ``T`` columns and every remaining token
         keeps its neighbours at their column distance, as in the prompt written without the image
@@ -310,8 +310,8 @@ class StackedImagesAdapter(_BaseAdapter):
 
     Each image becomes the same number of placeholder tokens, so a row owns
     ``(its image tokens) / (image tokens / n)`` images. Slicing by rows needs that count without
-    the config: from :attr:`type_ids_key` when the architecture has one, else every row must hold
-    the same number of images (checked by :meth:`prepare_inputs`).
+    the config: from ``type_ids_key`` when the architecture has one, else every row must hold
+    the same number of images (checked by ``prepare_inputs``).
 
     Examples:
         >>> import torch
@@ -504,9 +504,9 @@ class QwenVLAdapter(_BaseAdapter):
     """Qwen2-VL family: flattened patches ``pixel_values [N, C*tp*p*p]`` + ``image_grid_thw [n, 3]``.
 
     Each image of grid ``(t, h, w)`` (in patches) owns ``t*h*w`` consecutive patch rows and
-    ``t*h*w / m^2`` placeholder tokens (``m`` the spatial merge size). :meth:`prepare_inputs`
+    ``t*h*w / m^2`` placeholder tokens (``m`` the spatial merge size). ``prepare_inputs``
     adds ``mm_token_type_ids`` (1 at image tokens, 2 at video tokens), without which multimodal
-    RoPE is not computed; :meth:`slice_rows` uses it to find each row's images, so it needs
+    RoPE is not computed; ``slice_rows`` uses it to find each row's images, so it needs
     prepared inputs (as ``HFPolicy`` gives it). Videos (``pixel_values_videos``,
     ``video_grid_thw``) are sliced the same way and left unperturbed.
 
@@ -607,7 +607,7 @@ class QwenVLAdapter(_BaseAdapter):
         return x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * tp, C, h * p, w * p)
 
     def flatten(self, frames: Tensor, grid: Sequence[int], config: Any) -> Tensor:
-        """Inverse of :meth:`unflatten`: frames ``[t*tp, C, H, W]`` -> patch rows ``[t*h*w, C*tp*p*p]``."""
+        """Inverse of ``unflatten``: frames ``[t*tp, C, H, W]`` -> patch rows ``[t*h*w, C*tp*p*p]``."""
         C, tp, p, m = self._layout(config)
         t, h, w = (int(x) for x in grid)
         x = frames.reshape(t, tp, C, h // m, m, p, w // m, m, p)

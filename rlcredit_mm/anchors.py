@@ -218,7 +218,7 @@ def select_anchor_clusters(labels: Tensor, connectivity: Tensor, mask: Tensor, *
     The floor is exact (rational), so ``0.29 * 100`` gives 29.
 
     Args:
-        labels: ``[B, T]`` int64 cluster labels (``>= 0``), -1 on padding (from :func:`cluster_tokens`).
+        labels: ``[B, T]`` int64 cluster labels (``>= 0``), -1 on padding (from ``cluster_tokens``).
         connectivity: ``[B, T]`` float.
         mask: ``[B, T]`` bool, valid tokens.
         anchor_share: the share of valid tokens the anchors may cover, in ``(0, 1]``.
@@ -267,7 +267,7 @@ def select_anchor_clusters(labels: Tensor, connectivity: Tensor, mask: Tensor, *
 def top_share_anchors(connectivity: Tensor, mask: Tensor, *, anchor_share: float = 0.15) -> Tensor:
     """The METIS-free fallback: the ``max(1, floor(anchor_share * T_i))`` valid tokens with the highest ``c_t``.
 
-    Ties go to the earlier token. Used by :class:`AnchorClusters` when pymetis is missing.
+    Ties go to the earlier token. Used by ``AnchorClusters`` when pymetis is missing.
 
     Args:
         connectivity: ``[B, T]`` float.
@@ -306,8 +306,8 @@ class AnchorClusters:
     ``w_t = w_anchor`` if ``t`` is in an anchor cluster, ``w_other`` otherwise, 0 on padding;
     with ``rescale=True``, ``w_t / mean_{valid s} w_s`` per response (mean one).
 
-    Anchors (our operationalisation, see :func:`cluster_tokens` and
-    :func:`select_anchor_clusters`): a kNN graph on the cosine similarity of the attention profiles
+    Anchors (our operationalisation, see ``cluster_tokens`` and
+    ``select_anchor_clusters``): a kNN graph on the cosine similarity of the attention profiles
     ``scores[NAME + ".profile"]`` (``[B, T, K]``, produced by ``attention_connectivity``; when the
     score has no profile, closeness of the connectivity values) plus neighbour edges, cut by METIS
     into ``max(2, ceil(T_i / cluster_size))`` parts; clusters sorted by mean connectivity are taken

@@ -412,7 +412,7 @@ class AttentionConnectivity:
 
     Args:
         layers: decoder layer indices (negative from the end); None: ``auto_layers`` evenly spaced
-            over the upper half (:func:`default_layers`).
+            over the upper half (``default_layers``).
         debias_sinks: drop sink keys and renormalise (else the raw mass on image keys).
         measure: ``"mass"`` (``c_t``) or ``"density"``.
         align: ``"predicting"``: the query at the position whose logits give ``log pi(y_t)``

@@ -3,12 +3,12 @@
 For one picture, prompt and response this module computes, per response token,
 
 * the **visual dependency** of VPPO (Huang et al. 2025, arXiv 2510.09285), the full-vocabulary
-  ``S_t = KL(pi(.|s_t, I) || pi(.|s_t, I'))`` (:class:`rlcredit_mm.VisualKL` with
+  ``S_t = KL(pi(.|s_t, I) || pi(.|s_t, I'))`` (``rlcredit_mm.VisualKL`` with
   ``estimate="exact"``); ``I'`` defaults to the ``constant`` perturbation (an all-black picture in
   the processor's normalised space), so a heatmap is deterministic and reads "how much would this
   token change without the picture"; ``patch_blackout`` gives VPPO's training-time ``I'``;
 * the **connectivity** of AT-RL (Jiao et al., arXiv 2602.11455), the attention mass the token's
-  query puts on image tokens, sink-debiased (:class:`rlcredit_mm.AttentionConnectivity`),
+  query puts on image tokens, sink-debiased (``rlcredit_mm.AttentionConnectivity``),
 
 and renders them as colour-coded tokens next to the picture: a self-contained HTML page (the picture
 embedded as a base64 PNG, the exact values in each token's tooltip) or a PNG figure.
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 SCORE_NAMES: tuple[str, str] = ("visual dependency", "connectivity")
-"""Score names of :func:`token_scores`, in display order."""
+"""Score names of ``token_scores``, in display order."""
 
 # One hue per score; a token's background is this colour at alpha = value / row maximum.
 _HUES: dict[str, tuple[int, int, int]] = {"visual dependency": (214, 39, 40), "connectivity": (31, 119, 180)}
@@ -59,7 +59,7 @@ class TokenHeatmap:
         image: the picture (an RGB ``PIL.Image``).
         prompt: the question as shown.
         tokens: the response tokens as display strings, ``T`` of them.
-        scores: score name -> ``T`` floats (e.g. :data:`SCORE_NAMES`).
+        scores: score name -> ``T`` floats (e.g. ``SCORE_NAMES``).
         title: a heading (e.g. ``"vppo, seed 0 - reward 1"``).
         marks: optional score name -> ``T`` bools, drawn underlined (e.g. the tokens a strategy kept).
 
@@ -92,7 +92,7 @@ def token_scores(policy: rlcredit.HFPolicy, model_inputs: Mapping[str, Any], res
     arXiv 2602.11455), both under ``no_grad``.
 
     Args:
-        policy: an :class:`rlcredit.HFPolicy` of a supported VLM.
+        policy: an ``rlcredit.HFPolicy`` of a supported VLM.
         model_inputs: ``input_ids [B, P+T]`` (response in the last ``T`` columns) and the model's
             image inputs.
         response_mask: ``[B, T]`` bool.
@@ -291,7 +291,7 @@ def heatmap_png(heatmaps: Sequence[TokenHeatmap], path: str | os.PathLike, *, ti
 
 @attrs.frozen
 class InspectInputs:
-    """What :func:`build_inputs` returns.
+    """What ``build_inputs`` returns.
 
     Attributes:
         model_inputs: ``input_ids [1, P+T]`` (response last) and the image inputs.
@@ -320,7 +320,7 @@ def load_vlm(folder: str | os.PathLike) -> tuple[Any, _Processing]:
 
     The processor is ``AutoProcessor``; when that cannot be built (Qwen's processor also needs a
     video processor, which needs torchvision), the image processor and tokenizer are loaded on
-    their own and :func:`build_inputs` expands the image placeholders itself.
+    their own and ``build_inputs`` expands the image placeholders itself.
 
     Raises:
         SpecError: the folder or its ``config.json`` is missing, or no processor can be loaded.
@@ -570,7 +570,7 @@ def run_inspect(model_dir: str | os.PathLike, image: str | os.PathLike, prompt: 
 
 
 def main(args: Any) -> int:
-    """Entry point of ``rlcredit inspect`` (``args`` from :mod:`rlcredit.cli`); returns the exit code.
+    """Entry point of ``rlcredit inspect`` (``args`` from ``rlcredit.cli``); returns the exit code.
 
     0: written; 2: bad input (the message goes to stderr, nothing is written).
 

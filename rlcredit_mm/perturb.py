@@ -4,7 +4,7 @@ A perturbation is a frozen, registered (kind ``"perturbation"``) object with two
 
 - ``perturbation(inputs, model, *, adapter=None) -> inputs``: on a batch of model inputs, in the
   processor's normalised pixel space (no image processor re-run). The model's adapter
-  (:mod:`rlcredit_mm.adapters`) presents every image as ``[C, H, W]`` whatever the architecture's
+  (``rlcredit_mm.adapters``) presents every image as ``[C, H, W]`` whatever the architecture's
   layout (Qwen's flattened patches are unflattened and re-flattened), so each perturbation is
   written once. Only the pixels change (``drop`` also masks the image tokens).
 - ``perturbation.apply_pil(image, seed=0) -> image``: on a PIL image before processing, in

@@ -186,3 +186,19 @@ def test_k3_kl_without_graph_equals_the_differentiable_path():
     with torch.no_grad():
         without = F.k3_kl(lp, ref, mask)
     assert torch.equal(with_grad.detach(), without)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [0.0, float("-inf"), 2.5])
+def test_fill_outside_equals_where_with_nan_and_inf(dtype, value):
+    from rlcredit.functional._checks import fill_outside_
+
+    x = torch.tensor([[1.0, float("nan"), -0.0, float("inf")], [float("-inf"), 3.0, float("nan"), -2.0]], dtype=dtype)
+    mask = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    expect = torch.where(mask, x, torch.tensor(value, dtype=dtype))
+    out = fill_outside_(x.clone(), mask, value)
+    assert torch.equal(out.isnan(), expect.isnan())
+    assert torch.equal(out.nan_to_num(), expect.nan_to_num())
+    strided = x.clone().t()  # a non-contiguous view is filled in place too
+    fill_outside_(strided, mask.t(), value)
+    assert torch.equal(strided.t().nan_to_num(), expect.nan_to_num())

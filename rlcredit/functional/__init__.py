@@ -1,23 +1,23 @@
 """Pure tensor maths of credit assignment: no classes with state, no registry, no ``Rollout``.
 
 Every function takes plain tensors (response tensors ``[B, T]``, right-padded, with a bool
-``mask``), validates shapes and dtypes on entry (raising :class:`rlcredit.RolloutError` or
-:class:`rlcredit.RLCreditError`), computes in float32 whatever the input dtype, gives padding 0,
+``mask``), validates shapes and dtypes on entry (raising ``rlcredit.RolloutError`` or
+``rlcredit.RLCreditError``), computes in float32 whatever the input dtype, gives padding 0,
 and defines its degenerate cases (one-sample groups, all-equal rewards, empty rows, all-padding
 batches) instead of returning NaN or inf. Batch-scope statistics take ``reducer=None`` (local)
-or a :class:`Reducer`, and then give on R ranks exactly what one process holding every row gives.
+or a ``Reducer``, and then give on R ranks exactly what one process holding every row gives.
 
 Groups of rollouts:
-    :func:`group_normalize` (GRPO), :func:`group_center` (Dr. GRPO), :func:`leave_one_out`
-    (RLOO), :func:`overlong_penalty` (DAPO reward shaping).
+    ``group_normalize`` (GRPO), ``group_center`` (Dr. GRPO), ``leave_one_out``
+    (RLOO), ``overlong_penalty`` (DAPO reward shaping).
 Losses:
-    :func:`clipped_surrogate`, :func:`aggregate` (the four modes in :data:`AGGREGATIONS`),
-    :func:`k3_kl`, :func:`masked_mean`, :func:`loss_coefficients` (the linear form of
-    :func:`aggregate`).
+    ``clipped_surrogate``, ``aggregate`` (the four modes in ``AGGREGATIONS``),
+    ``k3_kl``, ``masked_mean``, ``loss_coefficients`` (the linear form of
+    ``aggregate``).
 Per-token quantities of the full vocabulary (chunked over rows):
-    :func:`token_entropy`, :func:`selected_logprobs`, :func:`token_kl`, :func:`fused_token_kl`.
+    ``token_entropy``, ``selected_logprobs``, ``token_kl``, ``fused_token_kl``.
 Selection and shaping:
-    :func:`top_fraction_mask` (scopes in :data:`SCOPES`), :func:`dependency_scale` (VPPO TAS).
+    ``top_fraction_mask`` (scopes in ``SCOPES``), ``dependency_scale`` (VPPO TAS).
 """
 
 from rlcredit.functional._group import group_center, group_normalize, leave_one_out, overlong_penalty

@@ -1,8 +1,8 @@
 """Entry checks shared by the functional kernels.
 
 Every public kernel validates its tensors on entry (shape, dtype, device: all free, no host sync)
-and its hyper-parameters, so that a mistake surfaces as one clear :class:`RolloutError` or
-:class:`RLCreditError` naming the argument, what was expected, what was given and how to fix it,
+and its hyper-parameters, so that a mistake surfaces as one clear ``RolloutError`` or
+``RLCreditError`` naming the argument, what was expected, what was given and how to fix it,
 instead of a broadcasting accident or an index error deep inside a scatter.
 """
 

@@ -118,7 +118,7 @@ def group_center(
         A_i = r_i - mean_g(r)
 
     One-sample groups and all-equal groups give exactly 0. With a ``reducer`` groups are
-    gathered across ranks as in :func:`group_normalize`.
+    gathered across ranks as in ``group_normalize``.
 
     Args:
         rewards: ``[B]`` float (or int) rewards; maths in float32.
@@ -152,7 +152,7 @@ def leave_one_out(
 
     computed in the second form, which does not cancel ``sum_g - r_i``. A one-sample group has no
     other member: 0. All-equal groups give exactly 0. With a ``reducer`` groups are gathered
-    across ranks as in :func:`group_normalize`.
+    across ranks as in ``group_normalize``.
 
     Args:
         rewards: ``[B]`` float (or int) rewards; maths in float32.

@@ -19,9 +19,9 @@ def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask:
         log s_{i,t}   = sg[log s_i] + logpi_t - sg[logpi_t]
 
     so ``exp(log s_{i,t}) = s_i`` on every token of response ``i`` while
-    ``d s_{i,t} / d logpi_t = s_i``: fed to :func:`clipped_surrogate` with zero old log-probs and
+    ``d s_{i,t} / d logpi_t = s_i``: fed to ``clipped_surrogate`` with zero old log-probs and
     aggregated with ``seq_mean_token_mean`` it is GSPO's sequence objective (value and gradient),
-    and it accepts per-token advantages. The clamp matches :func:`clipped_surrogate`'s. Padding
+    and it accepts per-token advantages. The clamp matches ``clipped_surrogate``'s. Padding
     gets ``log s_i`` with no gradient; rows without valid tokens get 0 (``s = 1``).
 
     Args:

@@ -98,7 +98,7 @@ def token_entropy(
     Args:
         logits: ``[..., V]`` logits, e.g. ``[B, T, V]``, any float dtype.
         mask: optional ``[...]`` bool (e.g. ``[B, T]``); only its True positions are computed, the
-            others are 0 (as in :func:`token_kl`).
+            others are 0 (as in ``token_kl``).
         temperature: ``> 0``, the sampling temperature.
         chunk_size: rows of the flattened ``[N, V]`` logits per float32 chunk.
 
@@ -344,7 +344,7 @@ def fused_token_kl(
 ) -> torch.Tensor:
     """Exact KL(p || q) per token from two runs' last hidden states and the LM head, fused.
 
-    The same quantity as :func:`token_kl` (VPPO's paper-form visual dependency, arXiv
+    The same quantity as ``token_kl`` (VPPO's paper-form visual dependency, arXiv
     2510.09285) with ``z = hidden @ weight.T + bias``:
 
         KL_t = sum_v p_v (log p_v - log q_v),  p = softmax(z_p / tau), q = softmax(z_q / tau)

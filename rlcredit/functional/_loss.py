@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rlcredit.errors import RLCreditError, RolloutError
 from rlcredit.functional._checks import (
@@ -24,7 +25,7 @@ __all__ = [
     "AGGREGATIONS", "aggregate", "clipped_surrogate", "k3_kl", "loss_coefficients", "masked_mean",
 ]
 
-#: The loss aggregation modes of :func:`aggregate` (verl's names with ``_`` for ``-``).
+#: The loss aggregation modes of ``aggregate`` (verl's names with ``_`` for ``-``).
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 # exp(20) ~ 4.9e8 is far beyond any clip range, and exp(+-20) is finite in bf16/fp16/fp32, so
@@ -62,7 +63,7 @@ def clipped_surrogate(
         l   = min(l, -c * A)        where A < 0, when dual_clip = c is set
 
     The dual clip caps the loss of negative-advantage tokens whose ratio has grown very large.
-    Token weights fold in exactly afterwards (``w * l`` for ``w >= 0``; see :func:`aggregate`).
+    Token weights fold in exactly afterwards (``w * l`` for ``w >= 0``; see ``aggregate``).
     The gradient flows through ``logprobs`` only (``old_logprobs`` and ``advantages`` are
     constants of the surrogate and are detached); a token whose clipped branch is taken has
     exactly zero gradient.
@@ -269,7 +270,7 @@ def aggregate(
         per_token: ``[B, T]`` per-token losses (any float dtype; maths in float32).
         mask: ``[B, T]`` bool, True on valid tokens.
         weights: optional ``[B, T]`` token weights ``>= 0`` (None: all 1).
-        mode: one of :data:`AGGREGATIONS`.
+        mode: one of ``AGGREGATIONS``.
         renormalize: divide by ``sum w`` instead of the valid-token count.
         max_length: ``L_max`` of ``seq_mean_token_sum_norm`` (an int >= 1; None: padded ``T``).
         reducer: cross-rank reducer, or None when this process holds the whole batch.
@@ -338,15 +339,15 @@ def loss_coefficients(
 
     Every aggregation is linear in the per-token loss, so it is a weighted sum whose weight of
     token ``(i, t)`` is ``c_{i,t} = R * w_{i,t} / den_{i}``, ``den`` being the mode's denominator
-    (see :func:`aggregate`; ``R`` ranks). This is also the gradient of the aggregated loss
-    w.r.t. each token's loss. Unchecked: called by :func:`aggregate` and the fused surrogate
+    (see ``aggregate``; ``R`` ranks). This is also the gradient of the aggregated loss
+    w.r.t. each token's loss. Unchecked: called by ``aggregate`` and the fused surrogate
     after their own checks.
 
     Args:
         mask: ``[B, T]`` bool, True on valid tokens.
         weights: ``[B, T]`` float32 token weights, finite, ``>= 0`` and **0 on padding**; None
             for all 1.
-        mode, renormalize, max_length, reducer: as in :func:`aggregate`.
+        mode, renormalize, max_length, reducer: as in ``aggregate``.
 
     Returns:
         ``[B, T]`` float32 coefficients, 0 on padding.
@@ -375,19 +376,25 @@ def loss_scale(
     renormalize: bool,
     max_length: int | None,
     reducer: Reducer | None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The factor of :func:`loss_coefficients`: ``c = w * scale``, ``scale`` 0-d or ``[B, 1]``."""
+    """The factor of ``loss_coefficients``: ``c = w * scale``, ``scale`` 0-d or ``[B, 1]``.
+
+    ``counts``: the ``[B]`` valid tokens per row when the caller has them (else counted here).
+    """
     device = mask.device
     R = world_size(reducer)
     B, T = mask.shape
+    if counts is None and mode in ("token_mean", "seq_mean_token_mean") and not (weights is not None and renormalize):
+        counts = count(mask, -1)
     if mode == "token_mean":
-        den = (weights.sum() if weights is not None and renormalize else count(mask)).reshape(1)
+        den = (weights.sum() if weights is not None and renormalize else counts.sum()).reshape(1)
         den = all_sum(den, reducer).float().reshape(())
         return R / torch.where(den > 0, den, torch.ones_like(den))
     rows = all_sum(torch.tensor([B], device=device), reducer).float().reshape(())
     rows = torch.where(rows > 0, rows, torch.ones_like(rows))
     if mode == "seq_mean_token_mean":
-        row_den = weights.sum(-1) if weights is not None and renormalize else count(mask, -1).float()
+        row_den = weights.sum(-1) if weights is not None and renormalize else counts.float()
         row_den = torch.where(row_den > 0, row_den, torch.ones_like(row_den))
         return (R / (row_den * rows))[:, None]
     if mode == "seq_mean_token_sum":
@@ -402,7 +409,7 @@ def loss_scale(
 class _SurrogateSums(torch.autograd.Function):
     """``(sum_t c_t l_t, sum_t e_t logp_t)`` with the gradient computed in the forward pass.
 
-    Autograd through :func:`clipped_surrogate` and :func:`aggregate` records about twenty
+    Autograd through ``clipped_surrogate`` and ``aggregate`` records about twenty
     elementwise ops and replays as many in the backward; here the gradient
     ``d/dlogp sum_t c_t l_t = -c_t A_t rho_t`` on tokens inside their clip bounds (0 elsewhere)
     comes out of the same few passes that give the value, and the backward is one multiply.
@@ -432,6 +439,7 @@ class _SurrogateSums(torch.autograd.Function):
         return pg, lin, active
 
     @staticmethod
+    @once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, grad_pg, grad_lin, grad_active):  # type: ignore[override]
         g, lin_coef = ctx.saved_tensors
         grad = None
@@ -457,14 +465,14 @@ def fused_surrogate(
     """Fused ``sum(c * clipped_surrogate(...))`` and ``sum(e * logprobs)`` over valid tokens.
 
     Equal in value and gradient to ``(torch.where(mask, l, 0) * c).sum()`` with ``l`` from
-    :func:`clipped_surrogate` (and ``(torch.where(mask, logprobs, 0) * e).sum()``), in a third
+    ``clipped_surrogate`` (and ``(torch.where(mask, logprobs, 0) * e).sum()``), in a third
     of the passes. The per-token loss is ``l_t = -A_t * clamp(rho_t, lo_t, hi_t)``, which is the
     pessimistic clip: ``[0, 1 + clip_high]`` for ``A > 0``, ``[1 - clip_low, dual_clip or inf]``
     for ``A < 0``, no bound for ``A = 0``; the gradient flows where the clamp keeps ``rho``.
     Internal to ``ClippedSurrogate``, unchecked: ``old_logprobs`` float32 and finite,
     ``advantages`` float32 ``[B]`` or ``[B, T]`` and finite, ``coefficients`` and
     ``logprob_coefficients`` float32 ``[B, T]``, finite and 0 on padding (see
-    :func:`loss_coefficients`); ``logprobs`` any float dtype, padding may be non-finite.
+    ``loss_coefficients``); ``logprobs`` any float dtype, padding may be non-finite.
     **``coefficients`` is overwritten** (it becomes the saved gradient: one [B, T] buffer less,
     which on CPU saves page faults that cost as much as the arithmetic).
 

@@ -1,7 +1,7 @@
 """Cross-rank plumbing for batch-scope statistics, and sync-free group indexing.
 
 Batch-scope kernels take ``reducer=None`` (this process holds the whole batch) or any object with
-the :class:`Reducer` shape. They are written so that R ranks each holding a slice of the rows give
+the ``Reducer`` shape. They are written so that R ranks each holding a slice of the rows give
 exactly what one process holding all rows gives: order statistics and group statistics gather the
 few numbers they need, sums and extrema all-reduce them.
 """

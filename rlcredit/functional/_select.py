@@ -24,7 +24,7 @@ from rlcredit.functional._reduce import Reducer, all_gather, segment_ids, world_
 
 __all__ = ["SCOPES", "top_fraction_mask"]
 
-#: The selection scopes of :func:`top_fraction_mask`.
+#: The selection scopes of ``top_fraction_mask``.
 SCOPES = ("sequence", "group", "batch")
 
 # torch.quantile refuses inputs above 2**24 elements ("quantile() input tensor is too large").

@@ -85,7 +85,7 @@ def dependency_scale(
 
     Huang et al. 2025, *Spotlight on Token Perception for Multimodal Reinforcement Learning*
     (VPPO, arXiv 2510.09285). With ``S_bar_i`` the mean dependency score of sequence ``i`` (see
-    :func:`masked_mean`), min and max over the valid rows of its ``scope``:
+    ``masked_mean``), min and max over the valid rows of its ``scope``:
 
         n_i = clamp((S_bar_i - min) / (max - min), 0, 1)
 

@@ -38,7 +38,7 @@ def spurious_token_mask(
 
     The probability test is done in log space (``old_logprobs < log(prob_threshold)``). No
     candidate anywhere: nothing is spurious. Boolean indexing syncs once to size the candidates,
-    as the batch scope of :func:`top_fraction_mask` does.
+    as the batch scope of ``top_fraction_mask`` does.
 
     Args:
         entropy: ``[B, T]`` float per-token entropy of the sampling policy.

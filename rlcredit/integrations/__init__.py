@@ -1,8 +1,8 @@
 """Adapters to existing trainers; each imports its framework only when imported itself.
 
-- :mod:`rlcredit.integrations.trl`: ``CreditGRPOTrainer``, TRL's ``GRPOTrainer`` with ``credit=``
+- ``rlcredit.integrations.trl``: ``CreditGRPOTrainer``, TRL's ``GRPOTrainer`` with ``credit=``
   (extra ``rlcredit[trl]``).
-- :mod:`rlcredit.integrations.verl`: registers the policy loss and the advantage estimator
+- ``rlcredit.integrations.verl``: registers the policy loss and the advantage estimator
   ``"rlcredit"`` in verl's registries when verl is importable (list the module in
   ``VERL_USE_EXTERNAL_MODULES``); imports cleanly without verl.
 

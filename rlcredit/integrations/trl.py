@@ -1,4 +1,4 @@
-"""TRL integration: :class:`CreditGRPOTrainer`, TRL's ``GRPOTrainer`` with an rlcredit strategy.
+"""TRL integration: ``CreditGRPOTrainer``, TRL's ``GRPOTrainer`` with an rlcredit strategy.
 
 Supported: TRL ``>=1.16,<1.17`` (the ``trl`` extra pins it; the overridden hooks are private TRL
 methods, so every TRL minor release is checked before the pin moves).
@@ -7,13 +7,13 @@ How it plugs in, once per generation batch (TRL calls ``_generate_and_score_comp
 per ``steps_per_generation * num_iterations`` optimiser steps):
 
 1. TRL generates, scores and computes its own ``[B]`` advantages, unchanged.
-2. We build a :class:`rlcredit.Rollout` from the same batch: ``response_mask`` (TRL's loss mask,
+2. We build a ``rlcredit.Rollout`` from the same batch: ``response_mask`` (TRL's loss mask,
    ``completion_mask`` times ``tool_mask``), the weighted rewards TRL summed, ``group_ids`` from
    TRL's grouping (``num_generations`` consecutive completions of the gathered batch),
    ``old_logprobs`` (TRL's ``old_per_token_logps``, or our own forward when the strategy needs
    them and TRL skipped them), ``ref_logprobs``, ``signals["entropy"]`` when a component reads it
    (computed by TRL's own ``_get_per_token_logps_and_entropies``: same temperature, same fused
-   head, same multimodal slicing) and ``model_inputs``; plus an :class:`rlcredit.HFPolicy` over
+   head, same multimodal slicing) and ``model_inputs``; plus an ``rlcredit.HFPolicy`` over
    the trainer's own model when a component needs the policy (VPPO's perturbed forward).
 3. ``strategy.assign`` runs once; the token weights are folded into ``[B, T]`` advantages,
    ``A_{i,t} = w_{i,t} * A_i`` (0 on padding), which replace TRL's ``inputs["advantages"]``.
@@ -28,7 +28,7 @@ clip(rho) A)``), and TRL's denominators count all valid tokens, as rlcredit's de
 generation batch for ``dapo``/``cispo``/``vespo``), which turns that denominator into the kept
 weight exactly. What the strategy's ``policy_loss`` would do differently (its own
 clip range, aggregation, dual clip, KL, entropy penalty) is reported as a warning at construction:
-TRL's loss, configured by ``GRPOConfig``, is what runs. :func:`trl_config_kwargs` turns a
+TRL's loss, configured by ``GRPOConfig``, is what runs. ``trl_config_kwargs`` turns a
 strategy's loss into the matching ``GRPOConfig`` arguments.
 
 Examples:
@@ -140,13 +140,13 @@ def _as_strategy(credit: Any) -> Strategy:
 def trl_config_kwargs(credit: Any) -> dict[str, Any]:
     """``GRPOConfig`` arguments that make TRL's loss match a strategy's ``clipped_surrogate``.
 
-    Maps ``aggregation`` -> ``loss_type`` (:func:`loss_type_for`), ``clip_low`` -> ``epsilon``,
+    Maps ``aggregation`` -> ``loss_type`` (``loss_type_for``), ``clip_low`` -> ``epsilon``,
     ``clip_high`` -> ``epsilon_high``, ``kl_coef`` -> ``beta`` and, when set, ``max_length`` ->
     ``max_completion_length``. ``dual_clip`` and ``entropy_penalty`` have no TRL equivalent (a
     warning at trainer construction says so).
 
     Args:
-        credit: a preset name, a spec dict or file, or a :class:`rlcredit.Strategy`.
+        credit: a preset name, a spec dict or file, or a ``rlcredit.Strategy``.
 
     Returns:
         A dict to splat into ``trl.GRPOConfig(...)``.
@@ -200,7 +200,7 @@ def check_trl_args(strategy: Strategy, args: Any) -> list[str]:
     strategy's shapers replace TRL's advantages).
 
     Args:
-        strategy: the :class:`rlcredit.Strategy`.
+        strategy: the ``rlcredit.Strategy``.
         args: a ``trl.GRPOConfig``.
 
     Returns:
@@ -312,28 +312,28 @@ class CreditGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` with a credit-assignment strategy: ``credit=`` is the only new argument.
 
     Once per generation batch, after TRL's rewards, the strategy's ``assign`` runs on a
-    :class:`rlcredit.Rollout` of the batch (see the module docstring for the fields) and its credit
+    ``rlcredit.Rollout`` of the batch (see the module docstring for the fields) and its credit
     replaces TRL's advantages as ``A_{i,t} = w_{i,t} * A_i`` (exact for ``w >= 0``, every
     ``loss_type``); TRL's own loss then runs. Rows for which every reward function returned None
     get advantage 0 and stay out of their group's baseline, as in TRL. With several processes,
     batch statistics (group baselines of groups split over processes, batch quantiles) span them
-    through :class:`rlcredit.distributed.TorchDistributedReducer`.
+    through ``rlcredit.distributed.TorchDistributedReducer``.
 
     Args:
         *args: ``GRPOTrainer``'s positional arguments (``model``, ``reward_funcs``, ``args``...).
         credit: a preset name (``"grpo"``, ``"entropy_forks"``, ``"vppo"``...), a spec dict, a spec
-            file path, or a :class:`rlcredit.Strategy`.
+            file path, or a ``rlcredit.Strategy``.
         **kwargs: ``GRPOTrainer``'s keyword arguments.
 
     Attributes:
-        credit_strategy: the :class:`rlcredit.Strategy` in use.
-        last_rollout: the :class:`rlcredit.Rollout` of the latest generation batch.
-        last_credit: its :class:`rlcredit.Credit` (scores ``[B, T]``, ``token_weights [B, T]``,
+        credit_strategy: the ``rlcredit.Strategy`` in use.
+        last_rollout: the ``rlcredit.Rollout`` of the latest generation batch.
+        last_credit: its ``rlcredit.Credit`` (scores ``[B, T]``, ``token_weights [B, T]``,
             advantages ``[B]`` or ``[B, T]``).
 
     Raises:
         SpecError: a bad ``credit``, ``use_liger_kernel=True``, or ``renormalize=True`` with a
-            ``loss_type`` it cannot be folded into (see :func:`check_trl_args`).
+            ``loss_type`` it cannot be folded into (see ``check_trl_args``).
 
     Logged metrics: ``rlcredit/kept_fraction``, ``rlcredit/weight_mean``,
     ``rlcredit/advantage_abs_mean`` and ``rlcredit/score/NAME``.

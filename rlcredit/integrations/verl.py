@@ -26,7 +26,7 @@ come from the rlcredit spec; verl's ``clip_ratio*``, ``loss_agg_mode`` and
 ``norm_adv_by_std_in_grpo`` are not read (a differing ``loss_agg_mode`` warns).
 
 verl's estimator hook only sees rewards, the response mask and the group ids, so a strategy that
-scores tokens needs :func:`apply_credit`, called where the data is (see :func:`credit_location`):
+scores tokens needs ``apply_credit``, called where the data is (see ``credit_location``):
 ``entropy_forks`` and ``stapo`` need the per-token entropies (and old log-probs) verl's actor
 computes; ``vppo``/``vppo_paper`` need a second forward with the perturbed image and ``at_rl`` an
 attention capture, both through the model, so they run in the actor worker.
@@ -126,7 +126,7 @@ def resolve_strategy(config: Any = None) -> Strategy:
         config: verl's actor or algorithm config (any mapping-like object), or None.
 
     Returns:
-        The :class:`rlcredit.Strategy`.
+        The ``rlcredit.Strategy``.
 
     Raises:
         SpecError: no strategy named anywhere, or a bad spec. RegistryError: an unknown name.
@@ -173,13 +173,13 @@ def credit_location(credit: Any = None) -> str:
     - ``"advantage_estimator"``: it needs only rewards, the response mask and group ids, so the
       registered estimator does everything (``grpo``, ``dapo``, ``dr_grpo``).
     - ``"batch"``: it also reads per-token tensors verl already computes (old log-probs,
-      reference log-probs, entropies): call :func:`apply_credit` on the batch, no model needed
+      reference log-probs, entropies): call ``apply_credit`` on the batch, no model needed
       (``entropy_forks``, ``stapo``).
     - ``"worker"``: it needs the model (a second forward, attention capture): call
-      :func:`apply_credit` with ``model=`` in the actor worker (``vppo``, ``vppo_paper``, ``at_rl``).
+      ``apply_credit`` with ``model=`` in the actor worker (``vppo``, ``vppo_paper``, ``at_rl``).
 
     Args:
-        credit: a preset name, spec or :class:`rlcredit.Strategy` (None: :func:`resolve_strategy`).
+        credit: a preset name, spec or ``rlcredit.Strategy`` (None: ``resolve_strategy``).
 
     Returns:
         ``"advantage_estimator"``, ``"batch"`` or ``"worker"``.
@@ -324,8 +324,8 @@ def compute_policy_loss(
         loss = aggregate(w * l(logp, old_logp, A), mask, mode) * local_den / global_den * dp_size
 
     where ``A`` is verl's ``[B, T]`` advantages (credit already folded by the ``"rlcredit"``
-    estimator or :func:`apply_credit`), ``mode`` the strategy's aggregation and the denominators
-    those of :func:`aggregate`. verl's ``loss_agg_mode`` is not used (a differing one warns: verl
+    estimator or ``apply_credit``), ``mode`` the strategy's aggregation and the denominators
+    those of ``aggregate``. verl's ``loss_agg_mode`` is not used (a differing one warns: verl
     aggregates its entropy and KL terms with it).
 
     Args:
@@ -426,8 +426,8 @@ def compute_advantage(
 
     ``r_i = sum_t token_level_rewards[i, t]``; groups from ``index`` (verl's ``uid`` per response);
     ``A_{i,t} = w_{i,t} * A_i`` with the strategy's shaper chain and weighter (exact fold for
-    ``w >= 0``). Only strategies whose :func:`credit_location` is ``"advantage_estimator"`` can
-    run here; the others raise, pointing at :func:`apply_credit`.
+    ``w >= 0``). Only strategies whose ``credit_location`` is ``"advantage_estimator"`` can
+    run here; the others raise, pointing at ``apply_credit``.
 
     Args:
         token_level_rewards: ``[B, T]`` rewards (verl puts the outcome reward on the last token).
@@ -440,7 +440,7 @@ def compute_advantage(
         ``(advantages, returns)``, both the same ``[B, T]`` float32 tensor, 0 on padding.
 
     Raises:
-        RolloutError: the strategy needs more than rewards (message names :func:`apply_credit`).
+        RolloutError: the strategy needs more than rewards (message names ``apply_credit``).
 
     Examples:
         >>> import torch
@@ -492,7 +492,7 @@ def apply_credit(
 ) -> Credit:
     """The worker extension: run the strategy on a verl batch and write its ``[B, T]`` advantages.
 
-    Use it instead of verl's ``compute_advantage`` for strategies whose :func:`credit_location`
+    Use it instead of verl's ``compute_advantage`` for strategies whose ``credit_location``
     is ``"batch"`` (entropy forks, STAPO: after the actor's ``compute_log_prob`` with
     ``calculate_entropy=True``) or ``"worker"`` (VPPO's perturbed second forward, AT-RL's attention
     capture: call it in the actor worker with ``model=`` the actor's unwrapped HF module, after
@@ -508,16 +508,16 @@ def apply_credit(
     Args:
         data: a verl ``DataProto`` (``.batch``, ``.non_tensor_batch``) or a dict with the keys above.
         model: the actor's HF model (``transformers``), for strategies that need the policy; it is
-            wrapped in :class:`rlcredit.HFPolicy`.
-        credit: a preset name, spec or :class:`rlcredit.Strategy` (None: :func:`resolve_strategy`).
+            wrapped in ``rlcredit.HFPolicy``.
+        credit: a preset name, spec or ``rlcredit.Strategy`` (None: ``resolve_strategy``).
         signals: extra per-token signals ``[B, T]`` (e.g. ``{"aug_logprobs": ...}``).
-        reducer: a :class:`rlcredit.distributed.Reducer` when the batch is sharded over ranks,
+        reducer: a ``rlcredit.distributed.Reducer`` when the batch is sharded over ranks,
             e.g. ``rlcredit.distributed.TorchDistributedReducer()`` in verl's FSDP workers (batch
             statistics and groups split over shards then span the ranks).
         config: a config that may carry ``rlcredit_strategy``.
 
     Returns:
-        The :class:`rlcredit.Credit` (scores, token weights, advantages, metrics).
+        The ``rlcredit.Credit`` (scores, token weights, advantages, metrics).
 
     Raises:
         RolloutError: a required batch key or input is missing.

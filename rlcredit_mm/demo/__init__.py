@@ -1,10 +1,10 @@
 """The toy visual-reasoning RL task behind ``rlcredit demo``.
 
-* :mod:`~rlcredit_mm.demo.task` — pictures of coloured shapes, the question, the 0/1 reward;
-* :mod:`~rlcredit_mm.demo.model` — a tiny random-init Qwen2.5-VL, its inputs, the format-only warm-up;
-* :mod:`~rlcredit_mm.demo.train` — the RL loop (``generate`` rollouts, ``Strategy.assign``/``loss``, AdamW);
-* :mod:`~rlcredit_mm.demo.report` — the results table, intervals over seeds, learning curves;
-* :mod:`~rlcredit_mm.demo.run` — ``rlcredit demo`` itself (writes the results folder atomically).
+* ``rlcredit_mm.demo.task`` — pictures of coloured shapes, the question, the 0/1 reward;
+* ``rlcredit_mm.demo.model`` — a tiny random-init Qwen2.5-VL, its inputs, the format-only warm-up;
+* ``rlcredit_mm.demo.train`` — the RL loop (``generate`` rollouts, ``Strategy.assign``/``loss``, AdamW);
+* ``rlcredit_mm.demo.report`` — the results table, intervals over seeds, learning curves;
+* ``rlcredit_mm.demo.run`` — ``rlcredit demo`` itself (writes the results folder atomically).
 
 Examples:
     >>> from rlcredit_mm.demo import DemoConfig

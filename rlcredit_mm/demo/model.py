@@ -57,7 +57,7 @@ def build_model(tokenizer: Any, *, seed: int = 0, hidden: int = 64, layers: int 
     """A randomly initialised tiny ``Qwen2_5_VLForConditionalGeneration`` for ``tokenizer``'s vocabulary.
 
     Args:
-        tokenizer: the task tokenizer (:func:`rlcredit_mm.demo.task.build_tokenizer`).
+        tokenizer: the task tokenizer (``rlcredit_mm.demo.task.build_tokenizer``).
         seed: weight-initialisation seed (the global RNG is restored afterwards).
         hidden: width of the language model and the vision tower.
         layers: language-model layers.
@@ -252,7 +252,7 @@ def format_loss(logits: Tensor, targets: Tensor, mask: Tensor, slot: Tensor, col
 
 def warmup(model: torch.nn.Module, kit: ModelKit, *, steps: int, batch_size: int = 32, lr: float = 5e-3,
            seed: int = 0, shapes: int = 1, progress: Any = None) -> list[float]:
-    """Supervised warm-up on the response format only (:func:`format_loss`), AdamW.
+    """Supervised warm-up on the response format only (``format_loss``), AdamW.
 
     No answer is ever a target: the colour slot is trained towards the *set* of colours, so after
     the warm-up the policy writes well-formed responses and picks colours at its (random-init) whim.

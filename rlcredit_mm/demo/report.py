@@ -62,7 +62,7 @@ def summarize(records: Sequence[Mapping[str, Any]], presets: Sequence[str]) -> d
     """Per preset: final accuracy interval, steps to threshold, kept share, scale spread, step time, curves.
 
     Args:
-        records: one record per (preset, seed) from :func:`rlcredit_mm.demo.train.run_preset`.
+        records: one record per (preset, seed) from ``rlcredit_mm.demo.train.run_preset``.
         presets: the presets in display order.
 
     Returns:

@@ -265,7 +265,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "rlcredit-demo", *, strea
 
 
 def config_from_args(args: Any) -> DemoConfig:
-    """The :class:`DemoConfig` of parsed ``rlcredit demo`` flags (``--quick`` first, flags override).
+    """The ``DemoConfig`` of parsed ``rlcredit demo`` flags (``--quick`` first, flags override).
 
     Examples:
         >>> from rlcredit.cli import build_parser
@@ -285,7 +285,7 @@ def config_from_args(args: Any) -> DemoConfig:
 
 
 def main(args: Any) -> int:
-    """Entry point of ``rlcredit demo`` (``args`` from :mod:`rlcredit.cli`); returns the exit code.
+    """Entry point of ``rlcredit demo`` (``args`` from ``rlcredit.cli``); returns the exit code.
 
     0: done; 2: bad input (the message goes to stderr, nothing is written); 130: interrupted.
 

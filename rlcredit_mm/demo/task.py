@@ -76,7 +76,7 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer() -> Any:
-    """A word-level ``PreTrainedTokenizerFast`` over :func:`vocabulary` (whitespace split, offline).
+    """A word-level ``PreTrainedTokenizerFast`` over ``vocabulary`` (whitespace split, offline).
 
     Examples:
         >>> tok = build_tokenizer()
@@ -188,8 +188,8 @@ def response_text(example: Example, colour: str, filler: int) -> str:
 def parse_answer(words: Sequence[str]) -> str | None:
     """The colour of a well-formed response, or None when the format is broken.
 
-    Well formed: one of the :data:`FILLERS` (with the asked shape, or any shape), then
-    ``the answer is X .`` and nothing else (the ``<eos>`` after it is checked by :func:`reward`).
+    Well formed: one of the ``FILLERS`` (with the asked shape, or any shape), then
+    ``the answer is X .`` and nothing else (the ``<eos>`` after it is checked by ``reward``).
 
     Examples:
         >>> parse_answer("ok . the answer is blue .".split())

@@ -1,11 +1,11 @@
-"""The demo's RL loop: GRPO-style group sampling with ``generate``, credit from a :class:`rlcredit.Strategy`.
+"""The demo's RL loop: GRPO-style group sampling with ``generate``, credit from a ``rlcredit.Strategy``.
 
 One run = one preset and one seed, starting from the seed's format warm-up (shared by all presets
 of that seed, so every preset starts from the same weights and sees the same prompts):
 
 1. sample ``group_size`` responses to each of ``prompts_per_step`` prompts with ``model.generate``
    (temperature 1, no top-k/top-p; placeholder tokens suppressed) and score them with the 0/1 reward;
-2. one no-grad pass of :class:`rlcredit.HFPolicy` gives the behaviour log-probs and entropies
+2. one no-grad pass of ``rlcredit.HFPolicy`` gives the behaviour log-probs and entropies
    (``old_logprobs``, ``signals["entropy"]``);
 3. ``strategy.assign(rollout, policy)`` computes scores, token weights and advantages (VPPO's
    perturbed forward and AT-RL's attention capture run here, through the same policy);
@@ -187,7 +187,7 @@ def sample(model: Any, kit: M.ModelKit, prompt: dict[str, Tensor], *, max_new_to
     padding tokens are suppressed (the model's forward rejects placeholders it has no pixels for).
 
     Returns:
-        :class:`Sampled` with ``responses [N, T]``, ``mask [N, T]``, ``finished [N]``, ``T <= max_new_tokens``.
+        ``Sampled`` with ``responses [N, T]``, ``mask [N, T]``, ``finished [N]``, ``T <= max_new_tokens``.
 
     Examples:
         >>> kit = M.ModelKit()
