@@ -65,6 +65,13 @@ def status_of(r: dict[str, Any]) -> str:
     return "ok" if ok else "miss"
 
 
+def allocator() -> str:
+    """How this process's allocator is set up (see ``--allocator``)."""
+    if all(k in os.environ for k in STEADY_MALLOC):
+        return "steady (" + ", ".join(f"{k}={os.environ[k]}" for k in STEADY_MALLOC) + ")"
+    return "system default"
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -76,8 +83,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads_timing": 1,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "allocator": ("steady (" + ", ".join(f"{k}={os.environ[k]}" for k in STEADY_MALLOC) + ")"
-                      if all(k in os.environ for k in STEADY_MALLOC) else "system default"),
+        "allocator": allocator(),
     }
     try:
         import rlcredit
@@ -133,7 +139,8 @@ def markdown(results: dict[str, Any]) -> str:
         rows = [r for r in results["rows"] if r.get("module") == module]
         mode = "quick" if meta.get("quick") else "full"
         lines += ["", f"## {module}", "",
-                  f"{mode} run, {meta.get('seconds', 0):.0f} s, {meta.get('finished', '')}"]
+                  f"{mode} run, {meta.get('seconds', 0):.0f} s, {meta.get('finished', '')}, "
+                  f"allocator: {meta.get('allocator', 'system default')}"]
         if meta.get("error"):
             lines += ["", f"**failed:** `{_cell(meta['error'])}`"]
         if rows:
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in selected:
         print(f"== bench_{name} ({'quick' if args.quick else 'full'})", flush=True)
         t0 = time.perf_counter()
-        meta: dict[str, Any] = {"quick": args.quick}
+        meta: dict[str, Any] = {"quick": args.quick, "allocator": allocator()}
         try:
             mod = importlib.import_module(f"benchmarks.bench_{name}")
             new = _check_rows(name, mod.run(args.quick))
