@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from fractions import Fraction
@@ -47,8 +48,12 @@ def exact_fraction(fn: str, fraction: object) -> tuple[int, int]:
             f"{fn}: `fraction` must be a number in (0, 1] (the share of tokens to keep, e.g. 0.2),"
             f" got {fraction!r}."
         )
-    exact = fraction if isinstance(fraction, numbers.Rational) else float(fraction)
-    ratio = Fraction(exact).limit_denominator(10**6)
+    return _nearest_ratio(fraction if isinstance(fraction, numbers.Rational) else float(fraction))
+
+
+@functools.lru_cache(maxsize=256)
+def _nearest_ratio(exact: numbers.Rational | float) -> tuple[int, int]:
+    ratio = Fraction(exact).limit_denominator(10**6)  # ~10 us of Python: cached per value
     return ratio.numerator, ratio.denominator
 
 
