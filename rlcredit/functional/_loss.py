@@ -299,30 +299,11 @@ def aggregate(
     per_token = check_shape(fn, "per_token", per_token, "BT", [None, None])
     check_float(fn, "per_token", per_token)
     mask = check_same_shape(fn, "mask", mask, "per_token", per_token)
-    check_bool(fn, "mask", mask)
-    if weights is not None:
-        weights = check_same_shape(fn, "weights", weights, "per_token", per_token)
-        check_float(fn, "weights", weights)
-    check_device(fn, [("per_token", per_token), ("mask", mask), ("weights", weights)])
-    check_choice(fn, "aggregation mode", mode, AGGREGATIONS)
-    if renormalize and mode in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
-        raise RLCreditError(
-            f"{fn}: `renormalize=True` has no effect with mode {mode!r} (it has no token-count "
-            f"denominator); use it with 'token_mean' or 'seq_mean_token_mean', or drop it."
-        )
-    if max_length is not None:
-        check_positive_int(fn, "max_length", max_length)
-        if mode != "seq_mean_token_sum_norm":
-            raise RLCreditError(
-                f"{fn}: `max_length` is only used by mode 'seq_mean_token_sum_norm', got mode "
-                f"{mode!r}; drop `max_length` or change the mode."
-            )
-
+    check_device(fn, [("per_token", per_token), ("mask", mask)])
+    coef = _coefficients(fn, mask, weights, mode, renormalize, max_length, reducer)
     # where(), not a product with the mask: 0 * inf and 0 * nan on padding would poison the sum
     # and, through the product's backward, the gradient of every padding position.
     zero = torch.zeros((), device=per_token.device)
-    w = None if weights is None else torch.where(mask, weights.float(), zero)
-    coef = loss_coefficients(mask, w, mode=mode, renormalize=renormalize, max_length=max_length, reducer=reducer)
     return (torch.where(mask, per_token.float(), zero) * coef).sum()
 
 
@@ -340,13 +321,12 @@ def loss_coefficients(
     Every aggregation is linear in the per-token loss, so it is a weighted sum whose weight of
     token ``(i, t)`` is ``c_{i,t} = R * w_{i,t} / den_{i}``, ``den`` being the mode's denominator
     (see ``aggregate``; ``R`` ranks). This is also the gradient of the aggregated loss
-    w.r.t. each token's loss. Unchecked: called by ``aggregate`` and the fused surrogate
-    after their own checks.
+    w.r.t. each token's loss: ``aggregate`` is ``sum(where(mask, x, 0) * c)``.
 
     Args:
         mask: ``[B, T]`` bool, True on valid tokens.
-        weights: ``[B, T]`` float32 token weights, finite, ``>= 0`` and **0 on padding**; None
-            for all 1.
+        weights: optional ``[B, T]`` float token weights ``>= 0`` (padding values are ignored);
+            None for all 1.
         mode, renormalize, max_length, reducer: as in ``aggregate``.
 
     Returns:
@@ -363,9 +343,36 @@ def loss_coefficients(
         >>> (loss_coefficients(mask, mode="seq_mean_token_mean") * x).sum(), aggregate(x, mask, mode="seq_mean_token_mean")
         (tensor(3.), tensor(3.))
     """
-    w = float_mask(mask) if weights is None else weights
-    scale = loss_scale(mask, weights, mode=mode, renormalize=renormalize, max_length=max_length, reducer=reducer)
-    return w.mul_(scale) if weights is None else w * scale
+    return _coefficients("loss_coefficients", mask, weights, mode, renormalize, max_length, reducer)
+
+
+def _coefficients(fn: str, mask: torch.Tensor, weights: torch.Tensor | None, mode: str, renormalize: bool,
+                  max_length: int | None, reducer: Reducer | None) -> torch.Tensor:
+    """``loss_coefficients`` with its argument checks, errors named after ``fn``."""
+    mask = check_shape(fn, "mask", mask, "BT", [None, None])
+    check_bool(fn, "mask", mask)
+    if weights is not None:
+        weights = check_same_shape(fn, "weights", weights, "mask", mask)
+        check_float(fn, "weights", weights)
+    check_device(fn, [("mask", mask), ("weights", weights)])
+    check_choice(fn, "aggregation mode", mode, AGGREGATIONS)
+    if renormalize and mode in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
+        raise RLCreditError(
+            f"{fn}: `renormalize=True` has no effect with mode {mode!r} (it has no token-count "
+            f"denominator); use it with 'token_mean' or 'seq_mean_token_mean', or drop it."
+        )
+    if max_length is not None:
+        check_positive_int(fn, "max_length", max_length)
+        if mode != "seq_mean_token_sum_norm":
+            raise RLCreditError(
+                f"{fn}: `max_length` is only used by mode 'seq_mean_token_sum_norm', got mode "
+                f"{mode!r}; drop `max_length` or change the mode."
+            )
+    # A select, not a product: weights on padding may be anything, NaN included.
+    w = float_mask(mask) if weights is None else torch.where(mask, weights.float(), torch.zeros((), device=mask.device))
+    scale = loss_scale(mask, w if weights is not None else None, mode=mode, renormalize=renormalize,
+                       max_length=max_length, reducer=reducer)
+    return w.mul_(scale)
 
 
 def loss_scale(
