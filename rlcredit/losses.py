@@ -187,7 +187,7 @@ class ClippedSurrogate:
         lin_coef = m * loss_scale(mask, None, renormalize=False, **agg) if self.entropy_penalty > 0 else None
         # Weights are 0 on padding by contract; the product with the mask makes it so for a
         # hand-made Credit too. fused_surrogate takes this buffer over (no copy).
-        coef = m * credit.token_weights
+        coef = m * credit.token_weights.float()
         coef.mul_(loss_scale(mask, coef, renormalize=self.renormalize, **agg))
         pg_loss, logp_sum, active = fused_surrogate(
             logprobs, old, adv, coef, mask, clip_low=self.clip_low, clip_high=self.clip_high,

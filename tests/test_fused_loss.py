@@ -60,10 +60,12 @@ def _boundary(lp, old, loss_fn, adv):
     weights=st.sampled_from(["ones", "binary", "soft"]),
     padding=st.sampled_from(["finite", "nan", "-inf"]),
     on_policy=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    credit_dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
 )
 def test_clipped_surrogate_equals_the_unfused_composition(data, mode, renormalize, clips, dual, entropy, kl,
-                                                          per_token_adv, weights, padding, on_policy, dtype):
+                                                          per_token_adv, weights, padding, on_policy, dtype,
+                                                          credit_dtype):
     if renormalize and mode in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
         renormalize = False
     mask = data["response_mask"]
@@ -79,6 +81,7 @@ def test_clipped_surrogate_equals_the_unfused_composition(data, mode, renormaliz
     w = {"ones": torch.ones(B, T), "binary": (torch.rand(B, T, generator=g) < 0.6).float(),
          "soft": torch.rand(B, T, generator=g)}[weights] * mask
     adv = torch.randn(B, T, generator=g) if per_token_adv else data["advantages"]
+    w, adv = w.to(credit_dtype), adv.to(credit_dtype)  # any float dtype: maths in float32
     credit = rlcredit.Credit({}, w, adv)
     loss_fn = ClippedSurrogate(clip_low=clips[0], clip_high=clips[1], dual_clip=dual, aggregation=mode,
                                renormalize=renormalize, kl_coef=kl, entropy_penalty=entropy)
@@ -98,7 +101,7 @@ def test_clipped_surrogate_equals_the_unfused_composition(data, mode, renormaliz
     assert (grad[~mask] == 0).all(), "padding gets exactly zero gradient, even when its log-prob is NaN"
     eval_old = old if not on_policy else lp0.float()
     far = ~_boundary(lp0.float(), eval_old, loss_fn, adv) & mask
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = 1e-2 if torch.bfloat16 in (dtype, credit_dtype) else 1e-5
     torch.testing.assert_close(grad[far].float(), ref_grad[far].float(), atol=tol, rtol=tol)
     if not _boundary(lp0.float(), eval_old, loss_fn, adv)[mask].any():
         n = mask.sum().clamp_min(1)
