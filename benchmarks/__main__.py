@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _steady_allocator(argv: list[str]) -> None:
-    """Re-execute this command with :data:`STEADY_MALLOC` set (Linux, unless already set or
+    """Re-execute this command with ``STEADY_MALLOC`` set (Linux, unless already set or
     ``--allocator system``): glibc reads these variables only at process start."""
     if not sys.platform.startswith("linux") or "--allocator=system" in argv:
         return

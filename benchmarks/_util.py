@@ -1,9 +1,9 @@
 """Shared helpers for the benchmark modules: timing ratios, peak memory, result rows.
 
 Every benchmark module (``benchmarks/bench_*.py``) exposes ``run(quick: bool) -> list[dict]`` and
-builds its rows with :func:`row`. Times are compared with :func:`time_ratio` (baseline and
+builds its rows with ``row``. Times are compared with ``time_ratio`` (baseline and
 candidate timed in the same process, interleaved, median of repeats); memory with
-:func:`peak_memory` / :func:`memory_ratio`, each configuration in a fresh Python process.
+``peak_memory`` / ``memory_ratio``, each configuration in a fresh Python process.
 
 Typical use in a module::
 
@@ -44,14 +44,14 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-"""The repository root (the child processes of :func:`peak_memory` run there)."""
+"""The repository root (the child processes of ``peak_memory`` run there)."""
 
 
 # --------------------------------------------------------------------------------------- time
 
 
 class Timing(dict):
-    """Result of :func:`time_ratio`: ``baseline_s``, ``candidate_s`` (medians, seconds), ``ratio``.
+    """Result of ``time_ratio``: ``baseline_s``, ``candidate_s`` (medians, seconds), ``ratio``.
 
     A dict (JSON-ready) with attribute access for the three fields.
     """
@@ -121,7 +121,7 @@ def time_ratio(baseline_fn: Callable[[], Any], candidate_fn: Callable[[], Any], 
         num_threads: torch intra-op threads while timing.
 
     Returns:
-        :class:`Timing` ``{"baseline_s", "candidate_s", "ratio"}``.
+        ``Timing`` ``{"baseline_s", "candidate_s", "ratio"}``.
     """
     if min_run_time is None:
         min_run_time = 0.1 if quick else 0.3
@@ -216,7 +216,7 @@ def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, device:
 
 def memory_ratio(baseline: str | tuple[str, Mapping[str, Any]], candidate: str | tuple[str, Mapping[str, Any]],
                  *, device: str = "cpu") -> dict[str, float]:
-    """Peak memory of ``candidate`` over ``baseline``, each from :func:`peak_memory`.
+    """Peak memory of ``candidate`` over ``baseline``, each from ``peak_memory``.
 
     Args:
         baseline: ``"module:function"`` or ``("module:function", kwargs)``.
@@ -328,8 +328,8 @@ def row(name: str, baseline: str, candidate: str, timing: Timing | float | None 
         name: what is measured (unique within the module).
         baseline: what the ratios divide by.
         candidate: what is measured against it.
-        timing: a :class:`Timing` (its absolute times are appended to ``notes``) or a bare ratio.
-        memory: the dict of :func:`memory_ratio` (bytes appended to ``notes``) or a bare ratio.
+        timing: a ``Timing`` (its absolute times are appended to ``notes``) or a bare ratio.
+        memory: the dict of ``memory_ratio`` (bytes appended to ``notes``) or a bare ratio.
         target: ``"<= 1.15x"`` / ``">= 1x"`` on the time ratio, ``"mem <= 0.5x"`` on the memory
             ratio; the suite runner checks it (reported, never asserted). Free text otherwise.
         notes: free text.

@@ -106,7 +106,7 @@ def _callables(quick: bool, attn_implementation: str = "sdpa"):
 
 
 def cpu_time_ratio(baseline_fn, candidate_fn, *, rounds: int) -> Timing:
-    """:func:`benchmarks._util.time_ratio` measured in process CPU time instead of wall time.
+    """``benchmarks._util.time_ratio`` measured in process CPU time instead of wall time.
 
     Single-threaded, a call's CPU time barely moves when other processes load the machine (they
     take wall time, not this process's CPU time), so on a shared machine this ratio is the steady
@@ -151,7 +151,7 @@ def capture_share(candidate_fn, *, calls: int) -> float:
 
 
 def mem_case(which: str, quick: bool) -> Any:
-    """Setup for :func:`benchmarks._util.peak_memory`: ``which`` in plain / candidate / eager."""
+    """Setup for ``benchmarks._util.peak_memory``: ``which`` in plain / candidate / eager."""
     plain, candidate, eager = _callables(quick, "eager" if which == "eager" else "sdpa")
     return {"plain": plain, "candidate": candidate, "eager": eager}[which]
 

@@ -166,12 +166,12 @@ def _step_fn(name: str, batch: dict[str, torch.Tensor]) -> Callable[[], Any]:
 
 
 def mem_case(which: str, B: int, T: int) -> Callable[[], Any]:
-    """Setup for :func:`benchmarks._util.peak_memory`: one training step of ``which``."""
+    """Setup for ``benchmarks._util.peak_memory``: one training step of ``which``."""
     return _step_fn(which, make_batch(B, T))
 
 
 def assign_case(B: int, T: int) -> Callable[[], Any]:
-    """Setup for :func:`benchmarks._util.peak_memory`: ``vppo`` assign only."""
+    """Setup for ``benchmarks._util.peak_memory``: ``vppo`` assign only."""
     strategy, _ = vppo_strategy()
     rollout = make_rollout(make_batch(B, T))
     return lambda: strategy.assign(rollout)
