@@ -184,36 +184,35 @@ class ClippedSurrogate:
         agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer,
                "counts": rollout.token_counts}
         m = rollout.float_mask
-        lin_coef = m * loss_scale(mask, None, renormalize=False, **agg) if self.entropy_penalty > 0 else None
         # Weights are 0 on padding by contract; the product with the mask makes it so for a
         # hand-made Credit too. fused_surrogate takes this buffer over (no copy).
-        coef = m * credit.token_weights.float()
-        coef.mul_(loss_scale(mask, coef, renormalize=self.renormalize, **agg))
-        pg_loss, logp_sum, active = fused_surrogate(
-            logprobs, old, adv, coef, mask, clip_low=self.clip_low, clip_high=self.clip_high,
-            dual_clip=self.dual_clip, logprob_coefficients=lin_coef,
+        weights = m * credit.token_weights.float()
+        scale = loss_scale(mask, weights, renormalize=self.renormalize, **agg)
+        entropy_scale = None
+        if self.entropy_penalty > 0:  # counts every valid token, whatever the weights
+            entropy_scale = loss_scale(mask, None, renormalize=False, **agg) if self.renormalize else scale
+        loss, pg_loss, neg_logp, active = fused_surrogate(
+            logprobs, old, adv, weights, scale, mask, m, clip_low=self.clip_low, clip_high=self.clip_high,
+            dual_clip=self.dual_clip, entropy_penalty=self.entropy_penalty, entropy_scale=entropy_scale,
         )
 
         def clip_fraction() -> Tensor:  # the valid tokens without gradient (padding has active = 1)
             n = rollout.token_counts.sum()
             return (n - torch.dot(active.reshape(-1), m.reshape(-1))) / n.clamp_min(1).float()
 
-        neg_logp = None if logp_sum is None else -logp_sum
-        return _surrogate_output(self, "clipped_surrogate", pg_loss, neg_logp, clip_fraction, logprobs, rollout,
-                                 credit, reducer)
+        return _surrogate_output(self, "clipped_surrogate", loss, pg_loss, neg_logp, clip_fraction, logprobs,
+                                 rollout, credit, reducer)
 
 
-def _surrogate_output(loss_fn: ClippedSurrogate | GSPO, who: str, pg_loss: Tensor, neg_logp: Tensor | None,
-                      clip_fraction: Any, logprobs: Tensor, rollout: Rollout, credit: Credit,
-                      reducer: Reducer | None) -> LossOutput:
-    """The part every surrogate loss shares: the KL and entropy terms and the metrics.
+def _surrogate_output(loss_fn: ClippedSurrogate | GSPO, who: str, loss: Tensor, pg_loss: Tensor,
+                      neg_logp: Tensor | None, clip_fraction: Any, logprobs: Tensor, rollout: Rollout,
+                      credit: Credit, reducer: Reducer | None) -> LossOutput:
+    """The part every surrogate loss shares: the KL term and the metrics.
 
-    ``loss_fn`` supplies ``aggregation``, ``max_length``, ``kl_coef`` and ``entropy_penalty``;
-    ``pg_loss`` is the aggregated weighted surrogate, ``neg_logp`` the aggregated ``-logp``
-    (when ``entropy_penalty > 0``) and ``clip_fraction`` a thunk for the metric.
+    ``loss`` is the surrogate plus, when ``entropy_penalty > 0``, ``entropy_penalty * neg_logp``
+    (the aggregated ``-logp``); ``pg_loss`` the surrogate part; ``clip_fraction`` a thunk.
     """
     mask = rollout.response_mask
-    loss = pg_loss
     metrics: dict[str, Any] = {}
     if loss_fn.kl_coef > 0:
         if rollout.ref_logprobs is None:
@@ -222,8 +221,7 @@ def _surrogate_output(loss_fn: ClippedSurrogate | GSPO, who: str, pg_loss: Tenso
                          max_length=loss_fn.max_length, reducer=reducer)
         loss = loss + loss_fn.kl_coef * kl
         metrics["kl"] = kl.detach()
-    if loss_fn.entropy_penalty > 0:
-        loss = loss + loss_fn.entropy_penalty * neg_logp
+    if neg_logp is not None:
         metrics["neg_logprob"] = neg_logp.detach()
     metrics["pg_loss"] = pg_loss.detach()
     # Computed on first access only: a step that logs nothing pays nothing. Weights are 0 on padding.
@@ -316,6 +314,10 @@ class GSPO:
         )
         agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer}
         pg_loss = F.aggregate(per_token, mask, credit.token_weights, renormalize=self.renormalize, **agg)
-        neg_logp = F.aggregate(-logprobs.float(), mask, **agg) if self.entropy_penalty > 0 else None
+        loss, neg_logp = pg_loss, None
+        if self.entropy_penalty > 0:
+            neg_logp = F.aggregate(-logprobs.float(), mask, **agg)
+            loss = loss + self.entropy_penalty * neg_logp
         clip_fraction = lambda: (clipped & mask).sum() / mask.sum().clamp_min(1).float()  # noqa: E731
-        return _surrogate_output(self, "gspo", pg_loss, neg_logp, clip_fraction, logprobs, rollout, credit, reducer)
+        return _surrogate_output(self, "gspo", loss, pg_loss, neg_logp, clip_fraction, logprobs, rollout, credit,
+                                 reducer)

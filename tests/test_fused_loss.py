@@ -118,22 +118,31 @@ def test_a_nan_log_prob_on_a_valid_token_gives_a_nan_loss():
 
 def test_fused_gradient_golden_and_no_grad_call():
     mask = right_padded_mask([2, 2], 2)
+    m = mask.float()
     old = torch.zeros(2, 2)
     lp = torch.log(torch.tensor([[1.1, 1.5], [0.5, 5.0]]))
     adv = torch.tensor([2.0, -1.0])
-    c = loss_coefficients(mask)  # 1/4 each
+    scale = torch.tensor(0.25)  # token_mean over 4 tokens
     x = lp.clone().requires_grad_(True)
-    pg, lin, active = fused_surrogate(x, old, adv, c.clone(), mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
-                                      logprob_coefficients=c)
+    loss, pg, neg_logp, active = fused_surrogate(x, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2,
+                                                 dual_clip=3.0, entropy_penalty=2.0, entropy_scale=scale)
     # A = 2: rho 1.1 kept (-2.2), 1.5 clipped at 1.2 (-2.4); A = -1: rho 0.5 clipped at 0.8 (0.8), 5 dual-capped (3).
     torch.testing.assert_close(pg, torch.tensor((-2.2 - 2.4 + 0.8 + 3.0) / 4))
-    torch.testing.assert_close(lin, lp.sum() / 4)
+    torch.testing.assert_close(neg_logp, -lp.sum() / 4)
+    torch.testing.assert_close(loss, pg + 2.0 * neg_logp)
     assert torch.equal(active, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
-    (pg - 2.0 * lin).backward()
-    torch.testing.assert_close(x.grad, torch.tensor([[-2.2 / 4, 0.0], [0.0, 0.0]]) - 2.0 * c)
+    assert not pg.requires_grad and not neg_logp.requires_grad and loss.requires_grad
+    loss.backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[-2.2 / 4, 0.0], [0.0, 0.0]]) - 2.0 * m / 4)
     with torch.no_grad():  # no graph: the gradient buffer is never built, same value
-        pg2, _, _ = fused_surrogate(lp, old, adv, c.clone(), mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
-    torch.testing.assert_close(pg2, pg.detach())
+        loss2, _, _, _ = fused_surrogate(lp, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2,
+                                         dual_clip=3.0, entropy_penalty=2.0, entropy_scale=scale)
+    torch.testing.assert_close(loss2, loss.detach())
+    with pytest.raises(RuntimeError):  # differentiable once: a second derivative raises, not a silent 0
+        y = lp.clone().requires_grad_(True)
+        out, _, _, _ = fused_surrogate(y, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2)
+        (g,) = torch.autograd.grad(out, y, create_graph=True)
+        g.sum().backward()
 
 
 @settings(max_examples=40, deadline=None)

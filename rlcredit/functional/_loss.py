@@ -413,95 +413,108 @@ def loss_scale(
     return R / (rows * length)
 
 
-class _SurrogateSums(torch.autograd.Function):
-    """``(sum_t c_t l_t, sum_t e_t logp_t)`` with the gradient computed in the forward pass.
+class _FusedSurrogate(torch.autograd.Function):
+    """The loss of ``fused_surrogate`` with its gradient computed in the forward pass.
 
     Autograd through ``clipped_surrogate`` and ``aggregate`` records about twenty
     elementwise ops and replays as many in the backward; here the gradient
-    ``d/dlogp sum_t c_t l_t = -c_t A_t rho_t`` on tokens inside their clip bounds (0 elsewhere)
-    comes out of the same few passes that give the value, and the backward is one multiply.
+    ``-c_t A_t rho_t`` on tokens inside their clip bounds (0 elsewhere), minus the entropy
+    term's constant ``penalty * e_t``, comes out of the same few passes that give the value, and
+    the backward is one multiply.
     """
 
     @staticmethod
-    def forward(ctx, logprobs, old, neg_adv, lo, hi, coef, lin_coef, mask):  # type: ignore[override]
-        ctx.set_materialize_grads(False)
+    def forward(ctx, logprobs, old, weights, factor, lo, hi, mask, m, penalty, ent_scale):  # type: ignore[override]
         # A select, not a product: padding log-probs may be NaN or inf. In place from here on:
         # on CPU every fresh [B, T] buffer costs page faults comparable to the arithmetic.
         d = fill_outside_(logprobs.float() - old, mask)
-        # sum_t e_t logp_t over valid tokens, as sum e (logp - old) + sum e old (old is finite).
-        lin = None
-        if lin_coef is not None:
-            lin = torch.dot(lin_coef.reshape(-1), d.reshape(-1)) + torch.dot(lin_coef.reshape(-1), old.reshape(-1))
+        neg_logp = None
+        if penalty:
+            # sum_t e_t logp_t, e = ent_scale * m: d is 0 on padding, old finite everywhere.
+            if ent_scale.dim() == 0:
+                lin = ent_scale * (d.sum() + torch.dot(m.reshape(-1), old.reshape(-1)))
+            else:
+                lin = torch.dot(ent_scale.reshape(-1), d.sum(-1) + (m * old).sum(-1))
+            neg_logp = -lin
         ratio = d.clamp_(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND).exp_()
         # The ratio the pessimistic (and dual) clip keeps (max/min: faster than clamp with tensor bounds).
         kept = torch.maximum(ratio, lo)
         torch.minimum(kept, hi, out=kept)
-        weighted = coef.mul_(neg_adv)  # c_t * (-A_t), in the caller's buffer; l_t = -A_t * kept_t
+        weighted = weights.mul_(factor)  # c_t * (-A_t), in the caller's buffer; l_t = -A_t * kept_t
         pg = torch.dot(weighted.reshape(-1), kept.reshape(-1))
         active = torch.eq(kept, ratio, out=kept)  # 1.0 where the gradient flows
+        # A distinct tensor even without the entropy term: pg is returned as a non-differentiable metric.
+        loss = pg.clone() if neg_logp is None else pg + penalty * neg_logp
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(weighted.mul_(ratio).mul_(active), lin_coef)
+            grad = weighted.mul_(ratio).mul_(active)
+            if penalty:
+                grad.addcmul_(m, ent_scale, value=-penalty)
+            ctx.save_for_backward(grad)
             ctx.in_dtype = logprobs.dtype
-        ctx.mark_non_differentiable(active)
-        return pg, lin, active
+        outputs = (pg, active) if neg_logp is None else (pg, neg_logp, active)
+        ctx.mark_non_differentiable(*outputs)
+        return loss, pg, neg_logp, active
 
     @staticmethod
     @once_differentiable  # a second derivative would silently be 0: raise instead
-    def backward(ctx, grad_pg, grad_lin, grad_active):  # type: ignore[override]
-        g, lin_coef = ctx.saved_tensors
-        grad = None
-        if grad_pg is not None:
-            grad = g * grad_pg
-        if grad_lin is not None and lin_coef is not None:
-            grad = lin_coef * grad_lin if grad is None else grad.addcmul_(lin_coef, grad_lin)
-        return (None if grad is None else grad.to(ctx.in_dtype)), None, None, None, None, None, None, None
+    def backward(ctx, grad_loss, *_):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.in_dtype), *([None] * 9)
 
 
 def fused_surrogate(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    coefficients: torch.Tensor,
+    weights: torch.Tensor,
+    scale: torch.Tensor,
     mask: torch.Tensor,
+    float_mask: torch.Tensor,
     *,
     clip_low: float,
     clip_high: float,
     dual_clip: float | None = None,
-    logprob_coefficients: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Fused ``sum(c * clipped_surrogate(...))`` and ``sum(e * logprobs)`` over valid tokens.
+    entropy_penalty: float = 0.0,
+    entropy_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``sum(c * clipped_surrogate(...)) + entropy_penalty * sum(e * -logprobs)`` over valid tokens.
 
-    Equal in value and gradient to ``(torch.where(mask, l, 0) * c).sum()`` with ``l`` from
-    ``clipped_surrogate`` (and ``(torch.where(mask, logprobs, 0) * e).sum()``), in a third
-    of the passes. The per-token loss is ``l_t = -A_t * clamp(rho_t, lo_t, hi_t)``, which is the
-    pessimistic clip: ``[0, 1 + clip_high]`` for ``A > 0``, ``[1 - clip_low, dual_clip or inf]``
-    for ``A < 0``, no bound for ``A = 0``; the gradient flows where the clamp keeps ``rho``.
+    With ``c = weights * scale`` and ``e = float_mask * entropy_scale`` (see ``loss_scale``),
+    equal in value and gradient to ``aggregate(clipped_surrogate(...), ...)`` plus
+    ``entropy_penalty * aggregate(-logprobs, ...)`` through autograd, in a third of the passes.
+    The per-token loss is ``l_t = -A_t * clamp(rho_t, lo_t, hi_t)``, which is the pessimistic
+    clip: ``[0, 1 + clip_high]`` for ``A > 0``, ``[1 - clip_low, dual_clip or inf]`` for
+    ``A < 0``, no bound for ``A = 0``; the gradient flows where the clamp keeps ``rho``.
+
     Internal to ``ClippedSurrogate``, unchecked: ``old_logprobs`` float32 and finite,
-    ``advantages`` float32 ``[B]`` or ``[B, T]`` and finite, ``coefficients`` and
-    ``logprob_coefficients`` float32 ``[B, T]``, finite and 0 on padding (see
-    ``loss_coefficients``); ``logprobs`` any float dtype, padding may be non-finite.
-    **``coefficients`` is overwritten** (it becomes the saved gradient: one [B, T] buffer less,
-    which on CPU saves page faults that cost as much as the arithmetic).
+    ``advantages`` float32 ``[B]`` or ``[B, T]`` and finite, ``weights`` float32 ``[B, T]``,
+    finite and 0 on padding, ``scale`` and ``entropy_scale`` 0-d or ``[B, 1]``; ``logprobs`` any
+    float dtype, padding may be non-finite. **``weights`` is overwritten** (it becomes the saved
+    gradient: one ``[B, T]`` buffer less, which on CPU saves page faults that cost as much as
+    the arithmetic).
 
     Returns:
-        ``(pg, lin, active)``: the weighted loss sum (differentiable), ``sum(e * logprobs)`` or
-        None, and a ``[B, T]`` float32 that is 1 where the gradient flows (0 where a clip set
-        the loss; 1 on padding).
+        ``(loss, pg, neg_logp, active)``: the loss (differentiable); its surrogate part and its
+        ``aggregate(-logprobs)`` part (None without an entropy penalty), detached; and a
+        ``[B, T]`` float32 that is 1 where the surrogate's gradient flows (0 where a clip set the
+        loss; 1 on padding).
 
     Examples:
         >>> import torch
-        >>> from rlcredit.functional import aggregate, clipped_surrogate, loss_coefficients
+        >>> from rlcredit.functional import aggregate, clipped_surrogate
         >>> from rlcredit.functional._loss import fused_surrogate
         >>> mask = torch.tensor([[True, True, True], [True, True, False]])
+        >>> m = mask.float()
         >>> logp = torch.tensor([[-0.5, -1.0, -2.0], [-1.0, -0.2, float("nan")]], requires_grad=True)
         >>> old, adv = torch.full((2, 3), -1.0), torch.tensor([1.0, -1.0])
-        >>> c = loss_coefficients(mask)  # token_mean: 1/5 on every valid token
-        >>> pg, _, active = fused_surrogate(logp, old, adv, c, mask, clip_low=0.2, clip_high=0.2)
+        >>> scale = torch.tensor(1 / 5)  # token_mean over 5 valid tokens
+        >>> loss, pg, _, active = fused_surrogate(logp, old, adv, m.clone(), scale, mask, m,
+        ...                                       clip_low=0.2, clip_high=0.2)
         >>> per_token, clipped = clipped_surrogate(logp, old, adv, mask=mask)
-        >>> torch.allclose(pg, aggregate(per_token, mask)), active  # rho = e^0.5 > 1.2 is clipped
+        >>> torch.allclose(loss, aggregate(per_token, mask)), active  # rho = e^0.5 > 1.2 is clipped
         (True, tensor([[0., 1., 1.],
                 [1., 1., 1.]]))
-        >>> pg.backward(); logp.grad  # -c A rho where the clip keeps rho; NaN padding gets 0
+        >>> loss.backward(); logp.grad  # -c A rho where the clip keeps rho; NaN padding gets 0
         tensor([[-0.0000, -0.2000, -0.0736],
                 [ 0.2000,  0.4451,  0.0000]])
     """
@@ -512,4 +525,5 @@ def fused_surrogate(
     neg_adv = -advantages
     if advantages.dim() == 1:
         lo, hi, neg_adv = lo[:, None], hi[:, None], neg_adv[:, None]
-    return _SurrogateSums.apply(logprobs, old_logprobs, neg_adv, lo, hi, coefficients, logprob_coefficients, mask)
+    return _FusedSurrogate.apply(logprobs, old_logprobs, weights, scale * neg_adv, lo, hi, mask, float_mask,
+                                 float(entropy_penalty), entropy_scale)
