@@ -138,6 +138,16 @@ def test_fused_gradient_golden_and_no_grad_call():
         loss2, _, _, _ = fused_surrogate(lp, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2,
                                          dual_clip=3.0, entropy_penalty=2.0, entropy_scale=scale)
     torch.testing.assert_close(loss2, loss.detach())
+    z = lp.clone().requires_grad_(True)  # retain_graph, twice, and a scaled loss: the saved gradient is reused intact
+    out, _, _, _ = fused_surrogate(z, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+                                   entropy_penalty=2.0, entropy_scale=scale)
+    (g1,) = torch.autograd.grad(out, z, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, z, retain_graph=True)
+    (g3,) = torch.autograd.grad(-0.5 * out, z, retain_graph=True)
+    out.backward(retain_graph=True)
+    out.backward()
+    for g in (g1, g2, -2 * g3, z.grad / 2):
+        torch.testing.assert_close(g, x.grad)
     with pytest.raises(RuntimeError):  # differentiable once: a second derivative raises, not a silent 0
         y = lp.clone().requires_grad_(True)
         out, _, _, _ = fused_surrogate(y, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2)
