@@ -31,7 +31,9 @@ class AdvantageShaper(Protocol):
         requires: requirement strings (``"score:NAME"`` for scores read).
 
     Call:
-        ``(advantages [B] | [B, T], scores, rollout, *, reducer=None) -> [B] | [B, T]``.
+        ``(advantages [B] | [B, T], scores, rollout, *, reducer=None) -> [B] | [B, T]``, with
+        ``scores`` the strategy's named ``[B, T]`` scores, finite and 0 on padding (``Strategy``
+        guarantees both).
 
     Examples:
         >>> import attrs, torch, rlcredit
@@ -166,7 +168,8 @@ def _shaping_scope(instance: Any, attribute: Any, value: Any) -> None:
 class DependencyScale:
     """VPPO's Trajectory-level Advantage Shaping (arXiv 2510.09285): ``A_i <- alpha_i * A_i``.
 
-    ``S_bar_i = sum_t S_{i,t} / T_i`` is the mean score of response ``i`` over its valid tokens;
+    ``S_bar_i = sum_t S_{i,t} / T_i`` is the mean score of response ``i`` over its valid tokens
+    (``S`` is 0 on padding, as every estimator returns it);
     with ``n_i = clamp((S_bar_i - min S_bar) / (max S_bar - min S_bar), 0, 1)`` over ``scope``,
     ``rlcredit.functional.dependency_scale`` gives
 
@@ -233,10 +236,10 @@ class DependencyScale:
     def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
                  reducer: Reducer | None = None) -> Tensor:
         s = pick_score(scores, self.score, "shaper dependency_scale").float()
-        # Scores are finite (Strategy checks them), so a product with the 0/1 mask is the masked
-        # row sum (a where() with a bool condition is several times slower on CPU).
+        # Scores are 0 on padding (every estimator's contract; Strategy zeroes a third-party
+        # estimator's padding), so the row sum is the sum over valid tokens: one read of [B, T].
         n = rollout.token_counts
-        mean = (rollout.float_mask * s).sum(-1) / n.clamp_min(1)
+        mean = s.sum(-1) / n.clamp_min(1)
         alpha = F.dependency_scale(
             mean, n > 0,
             beta_min=self.beta_min, beta_max=self.beta_max, scope=self.scope, mean_scope=self.mean_scope,
