@@ -224,3 +224,15 @@ def test_fill_outside_equals_where_with_nan_and_inf(dtype, value):
     strided = x.clone().t()  # a non-contiguous view is filled in place too
     fill_outside_(strided, mask.t(), value)
     assert torch.equal(strided.t().nan_to_num(), expect.nan_to_num())
+
+
+def test_sequence_top_ranks_float64_scores_by_their_float32_keys():
+    # 1 - 1e-11 and 1 are one float32 value: a tie, which goes to the earlier token.
+    scores = torch.tensor([[1.0 - 1e-11, 1.0, 0.0]], dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert F.top_fraction_mask(scores, mask, 1 / 3).tolist() == [[True, False, False]]
+    # +inf ranks as the largest finite float32; NaN and -inf as the lowest (a tie: the earlier wins)
+    scores = torch.tensor([[float("nan"), float("inf"), float("-inf"), 0.5, 2.0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    assert F.top_fraction_mask(scores, mask, 0.5).tolist() == [[False, True, False, True, False]]
+    assert F.top_fraction_mask(scores, mask, 0.75).tolist() == [[True, True, False, True, False]]
