@@ -44,10 +44,10 @@ def check_shape(
 ) -> torch.Tensor:
     """``x`` has ``len(letters)`` dims; a non-None entry of ``sizes`` fixes that dim."""
     x = check_tensor(fn, name, x)
-    expected = _dims(letters, sizes)
     if x.dim() != len(letters) or any(
         s is not None and d != s for d, s in zip(x.shape, sizes)
     ):
+        expected = _dims(letters, sizes)
         raise RolloutError(
             f"{fn}: `{name}` must have shape {expected}, got shape {_shape(x)}; "
             f"reshape or index it to {expected}."

@@ -53,8 +53,9 @@ class _Scopes:
         if scope == "batch":
             # The identity element keeps amin/amax defined on an empty local batch, which must
             # still take part in the collective.
-            local = torch.cat([xm, torch.full((1,), ident, device=x.device)])
-            local = getattr(local, op)().reshape(1) if op != "sum" else local.sum().reshape(1)
+            if B == 0:
+                xm = torch.full((1,), ident, device=x.device)
+            local = getattr(xm, op)().reshape(1)
             reduce = {"sum": all_sum, "amin": all_min, "amax": all_max}[op]
             return reduce(local, self.reducer).expand(B)
         if scope == "group":
