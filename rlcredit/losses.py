@@ -184,9 +184,11 @@ class ClippedSurrogate:
         agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer,
                "counts": rollout.token_counts}
         m = rollout.float_mask
-        # Weights are 0 on padding by contract; the product with the mask makes it so for a
-        # hand-made Credit too. fused_surrogate takes this buffer over (no copy).
-        weights = m * credit.token_weights.float()
+        # Weights from Strategy.assign are 0 on padding; the product with the mask makes it so
+        # for a hand-made Credit.
+        weights = credit.token_weights.float()
+        if not credit._zero_padding:
+            weights = m * weights
         scale = loss_scale(mask, weights, renormalize=self.renormalize, **agg)
         entropy_scale = None
         if self.entropy_penalty > 0:  # counts every valid token, whatever the weights

@@ -326,6 +326,9 @@ class Credit:
     token_weights: Tensor
     advantages: Tensor
     metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    # True when token_weights are known to be exactly 0 on padding (credit from Strategy.assign,
+    # whose weighters guarantee it), so a loss can skip re-masking them. Not part of equality.
+    _zero_padding: bool = attrs.field(default=False, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         w = self.token_weights
@@ -347,19 +350,22 @@ class Credit:
         already checked (finite values cost full passes over ``[B, T]`` on the hot path)."""
         self = object.__new__(cls)
         for name, value in (("scores", MappingProxyType(dict(scores))), ("token_weights", token_weights),
-                            ("advantages", advantages), ("metrics", _frozen_mapping(metrics))):
+                            ("advantages", advantages), ("metrics", _frozen_mapping(metrics)),
+                            ("_zero_padding", True)):
             object.__setattr__(self, name, value)
         return self
 
     def select(self, rows: Rows) -> Credit:
         """The credit restricted to ``rows``; metrics (batch-level) are kept as they are."""
         idx = _index(rows, self.token_weights.shape[0], self.token_weights.device)
-        return Credit(
+        out = Credit(
             scores={k: v.index_select(0, idx) for k, v in self.scores.items()},
             token_weights=self.token_weights.index_select(0, idx),
             advantages=self.advantages.index_select(0, idx),
             metrics=self.metrics,
         )
+        object.__setattr__(out, "_zero_padding", self._zero_padding)
+        return out
 
 
 @attrs.frozen(eq=False)

@@ -57,7 +57,7 @@ def _boundary(lp, old, loss_fn, adv):
     entropy=st.sampled_from([0.0, 0.06]),
     kl=st.sampled_from([0.0, 0.1]),
     per_token_adv=st.booleans(),
-    weights=st.sampled_from(["ones", "binary", "soft"]),
+    weights=st.sampled_from(["ones", "binary", "soft", "padding_not_zero"]),
     padding=st.sampled_from(["finite", "nan", "-inf"]),
     on_policy=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
@@ -79,7 +79,9 @@ def test_clipped_surrogate_equals_the_unfused_composition(data, mode, renormaliz
     rollout = rlcredit.Rollout(mask, data["rewards"], data["group_ids"], old_logprobs=None if on_policy else old,
                                ref_logprobs=ref_lp)
     w = {"ones": torch.ones(B, T), "binary": (torch.rand(B, T, generator=g) < 0.6).float(),
-         "soft": torch.rand(B, T, generator=g)}[weights] * mask
+         "soft": torch.rand(B, T, generator=g), "padding_not_zero": 1 + torch.rand(B, T, generator=g)}[weights]
+    if weights != "padding_not_zero":  # a hand-made Credit may break the 0-on-padding contract: ignored
+        w = w * mask
     adv = torch.randn(B, T, generator=g) if per_token_adv else data["advantages"]
     w, adv = w.to(credit_dtype), adv.to(credit_dtype)  # any float dtype: maths in float32
     credit = rlcredit.Credit({}, w, adv)
@@ -90,6 +92,7 @@ def test_clipped_surrogate_equals_the_unfused_composition(data, mode, renormaliz
     out = loss_fn(lp, rollout, credit)
     lp_ref = lp0.clone().requires_grad_(True)
     ref, ref_pg, ref_neg, ref_clipped = _reference(lp_ref, rollout, credit, loss_fn)
+    assert not credit._zero_padding
 
     torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.metrics["pg_loss"], ref_pg.detach(), atol=1e-5, rtol=1e-5)
@@ -124,7 +127,7 @@ def test_fused_gradient_golden_and_no_grad_call():
     adv = torch.tensor([2.0, -1.0])
     scale = torch.tensor(0.25)  # token_mean over 4 tokens
     x = lp.clone().requires_grad_(True)
-    loss, pg, neg_logp, active = fused_surrogate(x, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2,
+    loss, pg, neg_logp, active = fused_surrogate(x, old, adv, m, scale, mask, m, clip_low=0.2, clip_high=0.2,
                                                  dual_clip=3.0, entropy_penalty=2.0, entropy_scale=scale)
     # A = 2: rho 1.1 kept (-2.2), 1.5 clipped at 1.2 (-2.4); A = -1: rho 0.5 clipped at 0.8 (0.8), 5 dual-capped (3).
     torch.testing.assert_close(pg, torch.tensor((-2.2 - 2.4 + 0.8 + 3.0) / 4))
@@ -135,11 +138,11 @@ def test_fused_gradient_golden_and_no_grad_call():
     loss.backward()
     torch.testing.assert_close(x.grad, torch.tensor([[-2.2 / 4, 0.0], [0.0, 0.0]]) - 2.0 * m / 4)
     with torch.no_grad():  # no graph: the gradient buffer is never built, same value
-        loss2, _, _, _ = fused_surrogate(lp, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2,
+        loss2, _, _, _ = fused_surrogate(lp, old, adv, m, scale, mask, m, clip_low=0.2, clip_high=0.2,
                                          dual_clip=3.0, entropy_penalty=2.0, entropy_scale=scale)
     torch.testing.assert_close(loss2, loss.detach())
     z = lp.clone().requires_grad_(True)  # retain_graph, twice, and a scaled loss: the saved gradient is reused intact
-    out, _, _, _ = fused_surrogate(z, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+    out, _, _, _ = fused_surrogate(z, old, adv, m, scale, mask, m, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
                                    entropy_penalty=2.0, entropy_scale=scale)
     (g1,) = torch.autograd.grad(out, z, retain_graph=True)
     (g2,) = torch.autograd.grad(out, z, retain_graph=True)
@@ -150,7 +153,7 @@ def test_fused_gradient_golden_and_no_grad_call():
         torch.testing.assert_close(g, x.grad)
     with pytest.raises(RuntimeError):  # differentiable once: a second derivative raises, not a silent 0
         y = lp.clone().requires_grad_(True)
-        out, _, _, _ = fused_surrogate(y, old, adv, m.clone(), scale, mask, m, clip_low=0.2, clip_high=0.2)
+        out, _, _, _ = fused_surrogate(y, old, adv, m, scale, mask, m, clip_low=0.2, clip_high=0.2)
         (g,) = torch.autograd.grad(out, y, create_graph=True)
         g.sum().backward()
 
@@ -236,3 +239,15 @@ def test_sequence_top_ranks_float64_scores_by_their_float32_keys():
     mask = torch.tensor([[True, True, True, True, False]])
     assert F.top_fraction_mask(scores, mask, 0.5).tolist() == [[False, True, False, True, False]]
     assert F.top_fraction_mask(scores, mask, 0.75).tolist() == [[True, True, False, True, False]]
+
+
+def test_credit_from_assign_is_known_zero_on_padding_and_keeps_it_through_select():
+    mask = right_padded_mask([3, 1], 3)
+    r = rlcredit.Rollout(mask, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), old_logprobs=torch.zeros(2, 3))
+    credit = rlcredit.build("grpo").assign(r)
+    assert credit._zero_padding and credit.select([1])._zero_padding
+    assert not rlcredit.Credit({}, torch.ones(2, 3), torch.zeros(2))._zero_padding
+    lp = torch.full((2, 3), -0.1, requires_grad=True)
+    trusted = ClippedSurrogate()(lp, r, credit).loss
+    by_hand = ClippedSurrogate()(lp, r, rlcredit.Credit({}, torch.ones(2, 3), credit.advantages)).loss
+    torch.testing.assert_close(trusted, by_hand)  # the hand-made Credit's padding weights are ignored

@@ -440,7 +440,7 @@ class _FusedSurrogate(torch.autograd.Function):
         # The ratio the pessimistic (and dual) clip keeps (max/min: faster than clamp with tensor bounds).
         kept = torch.maximum(ratio, lo)
         torch.minimum(kept, hi, out=kept)
-        weighted = weights.mul_(factor)  # c_t * (-A_t), in the caller's buffer; l_t = -A_t * kept_t
+        weighted = weights * factor  # c_t * (-A_t); l_t = -A_t * kept_t
         pg = torch.dot(weighted.reshape(-1), kept.reshape(-1))
         active = torch.eq(kept, ratio, out=kept)  # 1.0 where the gradient flows
         # A distinct tensor even without the entropy term: pg is returned as a non-differentiable metric.
@@ -493,9 +493,7 @@ def fused_surrogate(
     Internal to ``ClippedSurrogate``, unchecked: ``old_logprobs`` float32 and finite,
     ``advantages`` float32 ``[B]`` or ``[B, T]`` and finite, ``weights`` float32 ``[B, T]``,
     finite and 0 on padding, ``scale`` and ``entropy_scale`` 0-d or ``[B, 1]``; ``logprobs`` any
-    float dtype, padding may be non-finite. **``weights`` is overwritten** (it becomes the saved
-    gradient: one ``[B, T]`` buffer less, which on CPU saves page faults that cost as much as
-    the arithmetic).
+    float dtype, padding may be non-finite.
 
     Returns:
         ``(loss, pg, neg_logp, active)``: the loss (differentiable); its surrogate part and its
@@ -512,7 +510,7 @@ def fused_surrogate(
         >>> logp = torch.tensor([[-0.5, -1.0, -2.0], [-1.0, -0.2, float("nan")]], requires_grad=True)
         >>> old, adv = torch.full((2, 3), -1.0), torch.tensor([1.0, -1.0])
         >>> scale = torch.tensor(1 / 5)  # token_mean over 5 valid tokens
-        >>> loss, pg, _, active = fused_surrogate(logp, old, adv, m.clone(), scale, mask, m,
+        >>> loss, pg, _, active = fused_surrogate(logp, old, adv, m, scale, mask, m,
         ...                                       clip_low=0.2, clip_high=0.2)
         >>> per_token, clipped = clipped_surrogate(logp, old, adv, mask=mask)
         >>> torch.allclose(loss, aggregate(per_token, mask)), active  # rho = e^0.5 > 1.2 is clipped
