@@ -117,6 +117,15 @@ def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.
         )
 
 
+def _unchecked(cls: type, **fields: Any) -> Any:
+    """An instance of the frozen attrs class ``cls`` with ``fields`` set as given: no converters,
+    no checks. Only for values that are rows of, or outputs derived from, checked ones."""
+    self = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(self, name, value)
+    return self
+
+
 def _index(rows: Rows, n: int, device: torch.device) -> Tensor:
     """Normalise a row selector to an int64 index tensor on ``device``."""
     if isinstance(rows, slice):
@@ -258,19 +267,18 @@ class Rollout:
         ``Strategy.assign`` on the full rollout, then ``select`` for the loss.
         """
         idx = _index(rows, self.batch_size, self.device)
+        if idx.numel() == 0:
+            raise RolloutError("select(rows) selected no rows (B = 0); pass at least one row.")
 
         def take(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.index_select(0, idx)
 
-        return Rollout(
-            response_mask=take(self.response_mask),
-            rewards=take(self.rewards),
-            group_ids=take(self.group_ids),
-            old_logprobs=take(self.old_logprobs),
-            ref_logprobs=take(self.ref_logprobs),
-            signals={k: take(v) for k, v in self.signals.items()},
-            model_inputs=None,
-        )
+        # Rows of tensors this rollout validated on construction: no second full check pass.
+        return _unchecked(Rollout, response_mask=take(self.response_mask), rewards=take(self.rewards),
+                          group_ids=take(self.group_ids), old_logprobs=take(self.old_logprobs),
+                          ref_logprobs=take(self.ref_logprobs),
+                          signals=_frozen_mapping({k: take(v) for k, v in self.signals.items()}),
+                          model_inputs=None)
 
     def has(self, requirement: str) -> bool:
         """Whether this rollout satisfies one requirement string (see ``requires`` in DESIGN §4).
@@ -348,24 +356,17 @@ class Credit:
                  metrics: Mapping[str, Tensor]) -> Credit:
         """Construct without the value checks, for ``Strategy.assign``, whose components' outputs are
         already checked (finite values cost full passes over ``[B, T]`` on the hot path)."""
-        self = object.__new__(cls)
-        for name, value in (("scores", MappingProxyType(dict(scores))), ("token_weights", token_weights),
-                            ("advantages", advantages), ("metrics", _frozen_mapping(metrics)),
-                            ("_zero_padding", True)):
-            object.__setattr__(self, name, value)
-        return self
+        return _unchecked(cls, scores=MappingProxyType(dict(scores)), token_weights=token_weights,
+                          advantages=advantages, metrics=_frozen_mapping(metrics), _zero_padding=True)
 
     def select(self, rows: Rows) -> Credit:
         """The credit restricted to ``rows``; metrics (batch-level) are kept as they are."""
         idx = _index(rows, self.token_weights.shape[0], self.token_weights.device)
-        out = Credit(
-            scores={k: v.index_select(0, idx) for k, v in self.scores.items()},
-            token_weights=self.token_weights.index_select(0, idx),
-            advantages=self.advantages.index_select(0, idx),
-            metrics=self.metrics,
-        )
-        object.__setattr__(out, "_zero_padding", self._zero_padding)
-        return out
+        # Rows of tensors already checked (on construction, or by Strategy.assign's components).
+        return _unchecked(Credit, scores=_frozen_mapping({k: v.index_select(0, idx) for k, v in self.scores.items()}),
+                          token_weights=self.token_weights.index_select(0, idx),
+                          advantages=self.advantages.index_select(0, idx), metrics=self.metrics,
+                          _zero_padding=self._zero_padding)
 
 
 @attrs.frozen(eq=False)

@@ -117,3 +117,35 @@ def test_loss_output_requires_scalar():
     assert LossOutput(torch.tensor(1.0)).metrics == {}
     with pytest.raises(RolloutError, match="scalar"):
         LossOutput(torch.ones(2))
+
+
+def test_select_skips_no_field_and_keeps_the_cached_views_right():
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+    r = rlcredit.Rollout(mask, torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0, 0, 1]),
+                         old_logprobs=-torch.rand(3, 3), ref_logprobs=-torch.rand(3, 3), signals={"s": torch.rand(3, 3, 2)})
+    _ = r.token_counts, r.float_mask  # cached on the parent: the child computes its own
+    s = r.select([2, 0])
+    direct = rlcredit.Rollout(mask[[2, 0]], r.rewards[[2, 0]], r.group_ids[[2, 0]], old_logprobs=r.old_logprobs[[2, 0]],
+                              ref_logprobs=r.ref_logprobs[[2, 0]], signals={"s": r.signals["s"][[2, 0]]})
+    for name in ("response_mask", "rewards", "group_ids", "old_logprobs", "ref_logprobs", "token_counts", "float_mask"):
+        assert torch.equal(getattr(s, name), getattr(direct, name)), name
+    assert torch.equal(s.signals["s"], direct.signals["s"]) and s.model_inputs is None
+    assert s.token_counts.tolist() == [3, 2]
+    with pytest.raises(AttributeError):
+        s.rewards = torch.zeros(2)
+    with pytest.raises(TypeError):
+        s.signals["x"] = torch.zeros(2, 3)
+    with pytest.raises(RolloutError, match="no rows"):
+        r.select(torch.tensor([False, False, False]))
+
+
+def test_credit_select_keeps_values_and_what_is_known_about_padding():
+    c = rlcredit.Credit({"s": torch.arange(6.0).view(2, 3)}, torch.ones(2, 3), torch.tensor([1.0, -1.0]),
+                        metrics={"m": torch.tensor(0.5)})
+    s = c.select([1])
+    assert torch.equal(s.scores["s"], torch.tensor([[3.0, 4.0, 5.0]])) and torch.equal(s.advantages, torch.tensor([-1.0]))
+    assert s.metrics["m"] == 0.5 and not s._zero_padding
+    with pytest.raises(TypeError):
+        s.scores["t"] = torch.zeros(1, 3)
+    with pytest.raises(AttributeError):
+        s.advantages = torch.zeros(1)
