@@ -12,6 +12,8 @@ Rows:
   a vectorised sort-and-scatter (``argsort`` per row, ``scatter`` of rank < k); the target
   ``<= 1x`` time ratio is a speedup ``>= 1x``. Full runs add a per-row ``topk`` loop (the
   released VPPO code's style) for context.
+- ``vppo loss in 8 micro-batches``: ``rollout.select`` + ``credit.select`` + the loss per
+  32-row micro-batch against one loss over the batch (context, no target).
 - ``vppo assign B*T=...``: ``assign`` time for ``B * T`` from 1e4 to 1e7 tokens (``T = 1250``,
   ``B = 8 .. 8000``), each against the bare loss on the same tokens, and the least-squares
   exponent of ``time ~ tokens^p`` (1.0 is linear) over the whole range and over >= 1e5 tokens.
@@ -213,6 +215,29 @@ def _top_fraction_rows(quick: bool) -> list[dict]:
     return rows
 
 
+def _microbatch_rows(quick: bool, micro: int = 32) -> list[dict]:
+    """The loss over ``B / micro`` micro-batches (``rollout.select`` + ``credit.select`` + loss,
+    fwd+bwd, as a training loop does) against one loss over the whole batch: the price of slicing."""
+    batch = make_batch(B_MAIN, T_MAIN)
+    strategy, how = vppo_strategy()
+    rollout = make_rollout(batch)
+    credit = strategy.assign(rollout)
+    logp = batch["logprobs"].clone().requires_grad_(True)
+
+    def whole():
+        return torch.autograd.grad(strategy.loss(logp, rollout, credit).loss, logp)
+
+    def micro_batches():
+        for start in range(0, B_MAIN, micro):
+            rows = slice(start, start + micro)
+            x = logp[rows]
+            torch.autograd.grad(strategy.loss(x, rollout.select(rows), credit.select(rows)).loss, x)
+
+    t = time_ratio(whole, micro_batches, quick=quick)
+    return [row(f"vppo loss in {B_MAIN // micro} micro-batches of {micro} rows", "vppo loss, whole batch (fwd+bwd)",
+                "select + loss per micro-batch (fwd+bwd)", t, notes=f"{how}; context: what slicing costs")]
+
+
 def _scaling_rows(quick: bool) -> list[dict]:
     strategy, how = vppo_strategy()
     exps = [4, 5, 6, 7] if quick else [4, 4.5, 5, 5.5, 6, 6.5, 7]
@@ -254,4 +279,4 @@ def _scaling_rows(quick: bool) -> list[dict]:
 def run(quick: bool) -> list[dict]:
     """All rows of this module (``quick``: fewer repeats and scaling points)."""
     torch.manual_seed(0)
-    return _overhead_rows(quick) + _top_fraction_rows(quick) + _scaling_rows(quick)
+    return _overhead_rows(quick) + _top_fraction_rows(quick) + _microbatch_rows(quick) + _scaling_rows(quick)
