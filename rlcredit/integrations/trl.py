@@ -482,7 +482,10 @@ class CreditGRPOTrainer(GRPOTrainer):
         folded = weights * advantages  # exact for w >= 0; 0 on padding
         folded = torch.where(unscorable.unsqueeze(1), 0.0, folded)
         self.last_rollout, self.last_credit = rollout, credit
-        for key, value in credit.metrics.items():
-            value = self.accelerator.gather(value.detach().float().reshape(1)).mean()
-            self._metrics[mode][f"rlcredit/{key}"].append(value.item())
+        keys = list(credit.metrics)
+        if keys:  # one collective and one host sync for all the metrics, not one per metric
+            local = torch.stack([credit.metrics[k].detach().float().reshape(()) for k in keys])
+            means = self.accelerator.gather(local.reshape(1, -1)).mean(0).tolist()
+            for key, value in zip(keys, means):
+                self._metrics[mode][f"rlcredit/{key}"].append(value)
         return folded.float()
