@@ -256,6 +256,12 @@ class Rollout:
 
         Shared by the components that weight by the mask (estimators, shapers, the loss): do not
         modify it in place. ``select`` gives a new rollout with its own.
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> r = rlcredit.Rollout(torch.tensor([[True, True, False]]), torch.tensor([1.0]), torch.tensor([0]))
+            >>> r.float_mask
+            tensor([[1., 1., 0.]])
         """
         return float_mask(self.response_mask)
 
