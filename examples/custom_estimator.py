@@ -17,7 +17,8 @@ import attrs
 import torch
 
 import rlcredit
-from rlcredit._components import in_range
+from rlcredit.validators import in_range
+from rlcredit.requirements import Field
 
 
 @rlcredit.register("estimator", "surprisal")
@@ -34,7 +35,7 @@ class Surprisal:
 
     cap: float = attrs.field(default=10.0, validator=in_range(0.0, lo_open=True))
 
-    requires = ("old_logprobs",)  # Strategy.assign checks this before anything runs
+    requires = (Field("old_logprobs"),)  # Strategy.assign checks this before anything runs
 
     def __call__(self, rollout: rlcredit.Rollout, policy=None) -> torch.Tensor:
         score = (-rollout.old_logprobs.float()).clamp(0.0, self.cap)

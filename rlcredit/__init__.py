@@ -15,10 +15,12 @@ Examples:
 from rlcredit import functional
 from rlcredit.errors import AdapterError, RegistryError, RLCreditError, RolloutError, SpecError
 from rlcredit.policy import HFPolicy
-from rlcredit.registry import available, build, get, register
+from rlcredit.registry import available, get, register
 from rlcredit.rollout import Credit, EstimatorOutput, LossOutput, Rollout
 from rlcredit.strategy import Strategy
+from rlcredit.specs import build
 from rlcredit import estimators, losses, presets, shapers, weighters  # noqa: E402,F401  (register built-ins)
+from rlcredit import requirements, validators  # noqa: E402,F401  (public modules)
 
 __version__ = "0.1.0"
 

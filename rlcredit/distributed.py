@@ -5,7 +5,8 @@ passed explicitly (``strategy.assign(..., reducer=r)``, ``strategy.loss(..., red
 reducer over R ranks, every statistic equals the one computed by a single rank holding all rows,
 and per-rank losses average (as DDP averages gradients) to the single-rank loss.
 
-Two reducers ship: ``LocalReducer`` (one process; every collective is the identity, the
+``Reducer`` is the protocol (defined with the kernels that use it, ``rlcredit.functional``, and
+re-exported here). Two reducers ship: ``LocalReducer`` (one process; every collective is the identity, the
 same as ``reducer=None``) and ``TorchDistributedReducer`` (a ``torch.distributed`` process
 group: gloo on CPU, nccl on GPU). Anything with the same five members works, e.g. a wrapper
 over a verl/Ray worker group.
@@ -13,53 +14,15 @@ over a verl/Ray worker group.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from rlcredit.errors import RLCreditError, RolloutError
+from rlcredit.functional._reduce import Reducer
 
 __all__ = ["Reducer", "LocalReducer", "TorchDistributedReducer"]
-
-
-@runtime_checkable
-class Reducer(Protocol):
-    """Collective operations over the ranks that share one logical batch.
-
-    Every rank calls the same collectives in the same order (they are collectives: a rank that
-    skips one deadlocks the others). Results carry no gradient: batch statistics decide credit,
-    which is detached by design; the loss stays differentiable through the local rows.
-
-    Attributes:
-        world_size: the number of ranks R.
-        rank: this process's index in ``[0, R)``; rows gathered by ``gather`` come in rank order,
-            so a kernel that breaks ties by position (``top_fraction_mask(scope="group")``) needs
-            to know where its own rows sit.
-
-    Methods (all return new tensors, equal on every rank):
-        sum(x): elementwise sum over ranks (``x`` of the same shape on every rank; a bool ``x``
-            is counted: the result is int64).
-        max(x), min(x): elementwise max / min over ranks (bool: any / all).
-        gather(x): concatenation of 1-D tensors of possibly different lengths (0 included), in
-            rank order.
-
-    Examples:
-        >>> from rlcredit.distributed import LocalReducer, Reducer
-        >>> isinstance(LocalReducer(), Reducer)
-        True
-    """
-
-    world_size: int
-    rank: int
-
-    def sum(self, x: Tensor) -> Tensor: ...
-
-    def max(self, x: Tensor) -> Tensor: ...
-
-    def min(self, x: Tensor) -> Tensor: ...
-
-    def gather(self, x: Tensor) -> Tensor: ...
 
 
 class LocalReducer:

@@ -14,10 +14,12 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcredit._components import POLICY, in_range
 from rlcredit.errors import RolloutError
 from rlcredit.registry import register
+from rlcredit.requirements import POLICY, AllOf, AnyOf, Field, Requirement
+from rlcredit.requirements import Signal as SignalRequirement
 from rlcredit.rollout import EstimatorOutput, Rollout
+from rlcredit.validators import in_range, non_empty_str
 
 __all__ = ["DependencyEstimator", "Uniform", "Signal", "Entropy"]
 
@@ -27,9 +29,9 @@ class DependencyEstimator(Protocol):
     """Per-token scores from a rollout (and optionally a policy).
 
     Attributes:
-        requires: requirement strings checked by ``Strategy.assign`` before anything runs:
-            ``"old_logprobs"``, ``"ref_logprobs"``, ``"model_inputs"``, ``"signal:KEY"``,
-            ``"policy"``; ``"A|B"`` when either suffices.
+        requires: a tuple of ``rlcredit.requirements`` values checked by ``Strategy.assign`` before
+            anything runs: ``Field("old_logprobs")``, ``Signal("entropy")``, ``POLICY``,
+            ``AnyOf(...)`` when either suffices, ``AllOf(...)`` inside it.
         extras: names of the auxiliary tensors it returns in ``EstimatorOutput.extras`` (stored by
             the strategy as ``f"{name}.{extra}"``); empty for most estimators.
 
@@ -53,7 +55,7 @@ class DependencyEstimator(Protocol):
         tensor([[1., 2., 0.]])
     """
 
-    requires: tuple[str, ...]
+    requires: tuple[Requirement, ...]
 
     def __call__(self, rollout: Rollout, policy: Any = None) -> Tensor | EstimatorOutput: ...
 
@@ -104,13 +106,13 @@ class Signal:
         tensor([[0.7000, 0.0000]])
     """
 
-    key: str = attrs.field(validator=attrs.validators.instance_of(str))
+    key: str = attrs.field(validator=non_empty_str)
 
     extras = ()
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return (f"signal:{self.key}",)
+    def requires(self) -> tuple[Requirement, ...]:
+        return (SignalRequirement(self.key),)
 
     def __call__(self, rollout: Rollout, policy: Any = None) -> Tensor:
         value = rollout.signals[self.key]
@@ -150,7 +152,7 @@ class Entropy:
 
     temperature: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
 
-    requires = ("signal:entropy|" + POLICY,)
+    requires = (AnyOf(SignalRequirement("entropy"), AllOf(POLICY, Field("model_inputs"))),)
     extras = ()
 
     def __call__(self, rollout: Rollout, policy: Any = None) -> Tensor:

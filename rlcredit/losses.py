@@ -13,17 +13,18 @@ import torch
 from torch import Tensor
 
 from rlcredit import functional as F
-from rlcredit._components import in_range, one_of
-from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
-from rlcredit.functional._gspo import sequence_log_ratio
-from rlcredit.functional._loss import fused_surrogate, loss_scale
+from rlcredit.functional import AGGREGATIONS, Reducer, Totals
+from rlcredit.functional._loss import surrogate_loss
 from rlcredit.registry import register
+from rlcredit.requirements import Field, Requirement
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
+from rlcredit.validators import in_range, int_at_least, is_bool, one_of
 
-__all__ = ["PolicyLoss", "ClippedSurrogate", "GSPO", "AGGREGATIONS"]
+__all__ = ["PolicyLoss", "ClippedSurrogate", "GSPO", "AGGREGATIONS", "RATIOS"]
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+RATIOS = ("token", "sequence")
+"""The importance ratios of ``ClippedSurrogate``: per token (PPO/GRPO) or per sequence (GSPO)."""
 
 
 @runtime_checkable
@@ -31,10 +32,14 @@ class PolicyLoss(Protocol):
     """Per-token log-probs, the rollout and its credit to a scalar loss.
 
     Attributes:
-        requires: requirement strings (e.g. ``"ref_logprobs"`` when a KL term is on).
+        requires: a tuple of ``rlcredit.requirements`` values (e.g. ``Field("ref_logprobs")``
+            when a KL term is on).
 
     Call:
-        ``(logprobs [B, T], rollout, credit, *, reducer=None) -> LossOutput``.
+        ``(logprobs [B, T], rollout, credit, *, reducer=None, totals=None) -> LossOutput``.
+        ``totals`` (an ``rlcredit.functional.Totals``) is passed only when the caller has the
+        statistics of a batch larger than these rows (gradient accumulation, verl's global batch
+        info); a loss that aggregates should divide by them.
 
     Examples:
         >>> import attrs, torch, rlcredit
@@ -51,33 +56,23 @@ class PolicyLoss(Protocol):
         -0.3536
     """
 
-    requires: tuple[str, ...]
+    requires: tuple[Requirement, ...]
 
     def __call__(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
                  reducer: Reducer | None = None) -> LossOutput: ...
 
 
-def _check_aggregation_options(loss_fn: ClippedSurrogate | GSPO) -> None:
-    """Build-time check of option combinations that ``rlcredit.functional.aggregate`` rejects."""
-    name = type(loss_fn).__name__
-    if loss_fn.renormalize and loss_fn.aggregation in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
-        raise SpecError(
-            f"{name}: renormalize=True needs a token-count denominator, i.e. aggregation 'token_mean' or "
-            f"'seq_mean_token_mean'; got aggregation {loss_fn.aggregation!r}."
-        )
-    if loss_fn.max_length is not None and loss_fn.aggregation != "seq_mean_token_sum_norm":
-        raise SpecError(
-            f"{name}: max_length is only used by aggregation 'seq_mean_token_sum_norm', got aggregation "
-            f"{loss_fn.aggregation!r}; drop max_length or change the aggregation."
-        )
-
-
 def check_credit(rollout: Rollout, credit: Credit, who: str) -> None:
+    if not isinstance(credit, Credit):
+        raise RolloutError(f"{who}: credit must be a rlcredit.Credit (from strategy.assign), got {type(credit).__name__}.")
     if tuple(credit.token_weights.shape) != tuple(rollout.response_mask.shape):
         raise RolloutError(
             f"{who}: credit is for shape {list(credit.token_weights.shape)} but the rollout is "
             f"{list(rollout.response_mask.shape)}; select the same rows from both."
         )
+    if credit.token_weights.device != rollout.device:
+        raise RolloutError(f"{who}: credit is on {credit.token_weights.device} but the rollout on {rollout.device}; "
+                           f"move one with `.to(...)`.")
 
 
 def check_logprobs(logprobs: Tensor, rollout: Rollout, who: str) -> None:
@@ -90,6 +85,9 @@ def check_logprobs(logprobs: Tensor, rollout: Rollout, who: str) -> None:
         )
     if not logprobs.dtype.is_floating_point:
         raise RolloutError(f"{who}: logprobs must be floating, got {logprobs.dtype}.")
+    if logprobs.device != rollout.device:
+        raise RolloutError(f"{who}: logprobs are on {logprobs.device} but the rollout on {rollout.device}; move them "
+                           f"with `.to({str(rollout.device)!r})`.")
 
 
 @register("loss", "clipped_surrogate")
@@ -98,12 +96,18 @@ class ClippedSurrogate:
     """PPO/GRPO clipped surrogate with clip-higher, dual clip, KL and entropy terms, four aggregations.
 
     Per token (Schulman et al. 2017; DAPO arXiv 2503.14476 for clip-higher; dual clip from
-    Ye et al. 2020), with ``rho = exp(logp - logp_old)`` and token weight ``w``::
+    Ye et al. 2020), with the importance ratio ``rho`` and token weight ``w``::
 
         l_t = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)
         l_t = min(l_t, -dual_clip * A)                       where A < 0 (if dual_clip)
         l_t = w_t * l_t                                      (exact folding of weights w >= 0)
         loss = agg(l) + kl_coef * agg(k3(ref, logp)) + entropy_penalty * agg(-logp)
+
+    ``ratio="token"``: ``rho_t = exp(logp_t - logp_old_t)`` (PPO, GRPO, DAPO). ``ratio="sequence"``:
+    GSPO's length-normalised sequence ratio ``s_i = exp(mean_t (logp - logp_old))`` on every token
+    of response ``i`` (GSPO-token form, arXiv 2507.18071 Eq. 13: the gradient w.r.t. each token's
+    log-prob is ``s_i``), so one clip decision covers a whole response; the ``gspo`` loss is this
+    with GSPO's defaults. Log-ratios are clamped to ``+-20``.
 
     ``k3 = exp(ref - logp) - (ref - logp) - 1``. The KL and the entropy term (VPPO's "entropy
     penalty") are unweighted and count every valid token. Aggregations (verl / TRL names):
@@ -111,28 +115,29 @@ class ClippedSurrogate:
     ``mean_i sum_t w l / T_i`` (TRL grpo), ``seq_mean_token_sum`` ``mean_i sum_t w l``,
     ``seq_mean_token_sum_norm`` ``sum w l / (B * L)`` (Dr. GRPO; ``L = max_length`` or the padded
     T, the largest across ranks). The denominators count **all valid tokens**; ``renormalize=True``
-    divides by ``sum w`` instead (STAPO). Without ``rollout.old_logprobs`` the update is on-policy:
+    divides by ``sum w`` instead (STAPO); ``rlcredit.functional.loss_coefficients`` derives them
+    (from ``totals`` when given). Without ``rollout.old_logprobs`` the update is on-policy:
     ``logp_old = logp.detach()``.
 
-    The surrogate and entropy terms run as one fused autograd function
-    (``rlcredit.functional._loss.fused_surrogate``): the same value and gradient as
-    ``F.aggregate(F.clipped_surrogate(...), ...)`` plus the entropy term through autograd (tested
-    to 1e-5), with the gradient ``-c_t A_t rho_t`` (``c_t`` from ``rlcredit.functional.loss_coefficients``)
-    formed in the forward pass: about a third of the elementwise passes, a padding log-prob that is
-    NaN or inf gets exactly 0 gradient, and a NaN on a valid token gives a NaN loss. It is
+    The surrogate and entropy terms run as one autograd function
+    (``rlcredit.functional._loss.surrogate_loss``): the same value and gradient as
+    ``F.aggregate(F.clipped_surrogate(...), ...)`` plus the entropy term through autograd, with
+    the gradient ``-c_t A_t rho_t`` formed in the forward pass; a padding log-prob that is NaN or
+    inf gets exactly 0 gradient, and a NaN on a valid token gives a NaN loss. It is
     differentiable once (``create_graph=True`` raises).
 
     Args:
-        clip_low: ``eps_low`` (>= 0). clip_high: ``eps_high`` (>= 0; DAPO 0.28).
+        clip_low: ``eps_low`` in ``[0, 1)``. clip_high: ``eps_high >= 0`` (DAPO 0.28).
         dual_clip: ``c > 1`` or None (off). aggregation: one of the four names above.
         renormalize: divide by the kept weight instead of the valid-token count.
         kl_coef: ``beta >= 0`` of the k3 KL to ``rollout.ref_logprobs`` (required when > 0).
         entropy_penalty: ``c >= 0`` of ``mean(-logp)`` (VPPO uses 0.06).
         max_length: Dr. GRPO's ``L`` (None: padded T, largest across ranks).
+        ratio: ``"token"`` or ``"sequence"`` (GSPO).
 
     Returns:
         ``LossOutput(loss, metrics)`` with metrics ``pg_loss``, ``clip_fraction``,
-        ``kept_fraction``, ``kl``, ``neg_logprob`` (detached).
+        ``kept_fraction`` (and ``kl``, ``neg_logprob`` when on), detached.
 
     Examples:
         >>> import torch, rlcredit
@@ -144,93 +149,100 @@ class ClippedSurrogate:
         >>> out = ClippedSurrogate()(logp, r, credit)
         >>> round(out.loss.item(), 4)  # mean of -1*2 and -min(e^0.5, 1.2)*2
         -2.2
+        >>> round(ClippedSurrogate(ratio="sequence")(logp, r, credit).loss.item(), 4)  # -min(e^0.25, 1.2)*2
+        -2.4
     """
 
     clip_low: float = attrs.field(default=0.2, validator=in_range(0.0, 1.0, hi_open=True))
     clip_high: float = attrs.field(default=0.2, validator=in_range(0.0))
-    dual_clip: float | None = attrs.field(
-        default=None, validator=attrs.validators.optional(in_range(1.0, lo_open=True))
-    )
+    dual_clip: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(1.0, lo_open=True)))
     aggregation: str = attrs.field(default="token_mean", validator=one_of(*AGGREGATIONS))
-    renormalize: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    renormalize: bool = attrs.field(default=False, validator=is_bool)
     kl_coef: float = attrs.field(default=0.0, validator=in_range(0.0))
     entropy_penalty: float = attrs.field(default=0.0, validator=in_range(0.0))
-    max_length: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.and_(
-            attrs.validators.instance_of(int), in_range(1)))
-    )
+    max_length: int | None = attrs.field(default=None, validator=attrs.validators.optional(int_at_least(1)))
+    ratio: str = attrs.field(default="token", validator=one_of(*RATIOS))
 
     def __attrs_post_init__(self) -> None:
-        _check_aggregation_options(self)
+        name = type(self).__name__
+        if self.renormalize and self.aggregation in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
+            raise SpecError(
+                f"{name}: renormalize=True needs a token-count denominator, i.e. aggregation 'token_mean' or "
+                f"'seq_mean_token_mean'; got aggregation {self.aggregation!r}."
+            )
+        if self.max_length is not None and self.aggregation != "seq_mean_token_sum_norm":
+            raise SpecError(
+                f"{name}: max_length is only used by aggregation 'seq_mean_token_sum_norm', got aggregation "
+                f"{self.aggregation!r}; drop max_length or change the aggregation."
+            )
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return ("ref_logprobs",) if self.kl_coef > 0 else ()
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Field("ref_logprobs"),) if self.kl_coef > 0 else ()
+
+    def totals(self, rollout: Rollout, credit: Credit, *, reducer: Reducer | None = None) -> Totals:
+        """The batch statistics this loss divides by, for ``rollout`` (e.g. a whole mini-batch).
+
+        Pass them as ``totals=`` to the loss of each micro-batch: the micro-batch losses then add
+        up to the mini-batch loss (gradient accumulation), as verl and TRL aggregate.
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> s = rlcredit.build("grpo")
+            >>> r = rlcredit.Rollout(torch.tensor([[True, True], [True, False]]), torch.tensor([1.0, 0.0]),
+            ...                      torch.tensor([0, 0]), old_logprobs=torch.zeros(2, 2))
+            >>> credit, logp = s.assign(r), torch.zeros(2, 2)
+            >>> totals = s.policy_loss.totals(r, credit)
+            >>> parts = [s.loss(logp[i:i + 1], r.select([i]), credit.select([i]), totals=totals).loss for i in (0, 1)]
+            >>> torch.allclose(sum(parts), s.loss(logp, r, credit).loss)
+            True
+        """
+        return F.batch_totals(rollout.response_mask, credit.token_weights, mode=self.aggregation,
+                              renormalize=self.renormalize, max_length=self.max_length, reducer=reducer)
 
     def __call__(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
-                 reducer: Reducer | None = None) -> LossOutput:
-        check_logprobs(logprobs, rollout, "clipped_surrogate")
-        check_credit(rollout, credit, "clipped_surrogate")
+                 reducer: Reducer | None = None, totals: Totals | None = None) -> LossOutput:
+        who = type(self).__name__
+        check_logprobs(logprobs, rollout, who)
+        check_credit(rollout, credit, who)
         mask = rollout.response_mask
-        old = rollout.old_logprobs
-        # On-policy: logp_old = logp.detach(), with padding zeroed (the fused sums need it finite).
-        old = torch.where(mask, logprobs.detach().float(), 0.0) if old is None else old.float()
-        adv = credit.advantages.float()
-        if adv.device != mask.device or logprobs.device != mask.device:
-            raise RolloutError(
-                f"clipped_surrogate: logprobs ({logprobs.device}), advantages ({adv.device}) and the rollout "
-                f"({mask.device}) must be on one device; move them with `.to({str(mask.device)!r})`."
-            )
-        agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer,
-               "counts": rollout.token_counts}
-        m = rollout.float_mask
-        # Weights from Strategy.assign are 0 on padding; the product with the mask makes it so
-        # for a hand-made Credit.
-        weights = credit.token_weights.float()
-        if not credit._zero_padding:
-            weights = m * weights
-        scale = loss_scale(mask, weights, renormalize=self.renormalize, **agg)
-        entropy_scale = None
+        zero = torch.zeros((), device=mask.device)
+        # On-policy without old log-probs: logp_old = logp.detach().
+        old = logprobs.detach().float() if rollout.old_logprobs is None else rollout.old_logprobs.float()
+        with torch.no_grad():
+            if self.ratio == "sequence":
+                log_ratio = F.sequence_log_ratio(logprobs.detach(), old, mask)
+            else:
+                log_ratio = torch.where(mask, logprobs.detach().float() - old, zero)
+        agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer}
+        if totals is None:
+            totals = self.totals(rollout, credit, reducer=reducer)
+        # The loss always masks the weights: a hand-made Credit may carry weight on padding.
+        coef = F.loss_coefficients(mask, credit.token_weights, renormalize=self.renormalize, totals=totals, **agg)
+        entropy_coef = None
         if self.entropy_penalty > 0:  # counts every valid token, whatever the weights
-            entropy_scale = loss_scale(mask, None, renormalize=False, **agg) if self.renormalize else scale
-        loss, pg_loss, neg_logp, active = fused_surrogate(
-            logprobs, old, adv, weights, scale, mask, m, clip_low=self.clip_low, clip_high=self.clip_high,
-            dual_clip=self.dual_clip, entropy_penalty=self.entropy_penalty, entropy_scale=entropy_scale,
+            entropy_coef = F.loss_coefficients(mask, None, renormalize=False, totals=totals, **agg)
+        loss, pg_loss, neg_logp, active = surrogate_loss(
+            logprobs, log_ratio, credit.advantages.float(), coef, mask, clip_low=self.clip_low,
+            clip_high=self.clip_high, dual_clip=self.dual_clip, entropy_penalty=self.entropy_penalty,
+            entropy_coefficients=entropy_coef,
         )
-
-        def clip_fraction() -> Tensor:  # the valid tokens without gradient (padding has active = 1)
-            n = rollout.token_counts.sum()
-            return (n - torch.dot(active.reshape(-1), m.reshape(-1))) / n.clamp_min(1).float()
-
-        return _surrogate_output(self, "clipped_surrogate", loss, pg_loss, neg_logp, clip_fraction, logprobs,
-                                 rollout, credit, reducer)
-
-
-def _surrogate_output(loss_fn: ClippedSurrogate | GSPO, who: str, loss: Tensor, pg_loss: Tensor,
-                      neg_logp: Tensor | None, clip_fraction: Any, logprobs: Tensor, rollout: Rollout,
-                      credit: Credit, reducer: Reducer | None) -> LossOutput:
-    """The part every surrogate loss shares: the KL term and the metrics.
-
-    ``loss`` is the surrogate plus, when ``entropy_penalty > 0``, ``entropy_penalty * neg_logp``
-    (the aggregated ``-logp``); ``pg_loss`` the surrogate part; ``clip_fraction`` a thunk.
-    """
-    mask = rollout.response_mask
-    metrics: dict[str, Any] = {}
-    if loss_fn.kl_coef > 0:
-        if rollout.ref_logprobs is None:
-            raise RolloutError(f"{who}: kl_coef > 0 needs rollout.ref_logprobs; pass them or set kl_coef=0.")
-        kl = F.aggregate(F.k3_kl(logprobs, rollout.ref_logprobs), mask, mode=loss_fn.aggregation,
-                         max_length=loss_fn.max_length, reducer=reducer)
-        loss = loss + loss_fn.kl_coef * kl
-        metrics["kl"] = kl.detach()
-    if neg_logp is not None:
-        metrics["neg_logprob"] = neg_logp.detach()
-    metrics["pg_loss"] = pg_loss.detach()
-    # Computed on first access only: a step that logs nothing pays nothing. Weights are 0 on padding.
-    weights = credit.token_weights
-    metrics["clip_fraction"] = clip_fraction
-    metrics["kept_fraction"] = lambda: (weights > 0).sum() / mask.sum().clamp_min(1).float()
-    return LossOutput(loss=loss, metrics=LazyMetrics(metrics))
+        metrics: dict[str, Any] = {"pg_loss": pg_loss.detach()}
+        if self.kl_coef > 0:
+            if rollout.ref_logprobs is None:
+                raise RolloutError(f"{who}: kl_coef > 0 needs rollout.ref_logprobs; pass them or set kl_coef=0.")
+            kl = F.aggregate(F.k3_kl(logprobs, rollout.ref_logprobs), mask, mode=self.aggregation,
+                             max_length=self.max_length, reducer=reducer, totals=totals)
+            loss = loss + self.kl_coef * kl
+            metrics["kl"] = kl.detach()
+        if neg_logp is not None:
+            metrics["neg_logprob"] = neg_logp.detach()
+        n = mask.sum().clamp_min(1).float()
+        weights = credit.token_weights
+        # Computed on first access only: a step that logs nothing pays nothing.
+        metrics["clip_fraction"] = lambda: (~active & mask).sum() / n
+        metrics["kept_fraction"] = lambda: ((weights > 0) & mask).sum() / n
+        return LossOutput(loss=loss, metrics=LazyMetrics(metrics))
 
 
 @register("loss", "gspo")
@@ -244,9 +256,10 @@ class GSPO:
         l_i = -min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i)
         loss = mean_i (1/T_i) sum_t w_{i,t} l_{i,t}  (+ kl_coef * agg(k3) + entropy_penalty * agg(-logp))
 
-    computed in GSPO-token form (the paper's Eq. 13): every token carries
-    ``s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)]``, equal to ``s_i`` in value, so with ``[B]``
-    advantages and uniform weights the loss and its gradient are exactly GSPO's sequence
+    This is ``clipped_surrogate(ratio="sequence")`` with GSPO's defaults (the same loss path:
+    ``__call__`` runs ``as_clipped()``), in GSPO-token form (the paper's Eq. 13): every token
+    carries ``s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)]``, equal to ``s_i`` in value, so with
+    ``[B]`` advantages and uniform weights the loss and its gradient are exactly GSPO's sequence
     objective, and ``[B, T]`` token advantages are accepted too. **Token weights** ``w`` scale
     each token's share of its response's loss (its gradient is ``w_t s_i A_i / T_i`` inside the
     clip range); the ratio ``s_i`` itself always averages over **all** valid tokens, so a mask
@@ -287,39 +300,32 @@ class GSPO:
     clip_low: float = attrs.field(default=3e-4, validator=in_range(0.0, 1.0, hi_open=True))
     clip_high: float = attrs.field(default=4e-4, validator=in_range(0.0))
     aggregation: str = attrs.field(default="seq_mean_token_mean", validator=one_of(*AGGREGATIONS))
-    renormalize: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    renormalize: bool = attrs.field(default=False, validator=is_bool)
     kl_coef: float = attrs.field(default=0.0, validator=in_range(0.0))
     entropy_penalty: float = attrs.field(default=0.0, validator=in_range(0.0))
-    max_length: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.and_(
-            attrs.validators.instance_of(int), in_range(1)))
-    )
+    max_length: int | None = attrs.field(default=None, validator=attrs.validators.optional(int_at_least(1)))
 
     def __attrs_post_init__(self) -> None:
-        _check_aggregation_options(self)
+        self.as_clipped()  # the option checks of the clipped surrogate, at construction
+
+    def as_clipped(self) -> ClippedSurrogate:
+        """The ``clipped_surrogate(ratio="sequence")`` this loss is.
+
+        Examples:
+            >>> from rlcredit.losses import GSPO
+            >>> GSPO().as_clipped().ratio
+            'sequence'
+        """
+        return ClippedSurrogate(**attrs.asdict(self, recurse=False), ratio="sequence")
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return ("ref_logprobs",) if self.kl_coef > 0 else ()
+    def requires(self) -> tuple[Requirement, ...]:
+        return self.as_clipped().requires
+
+    def totals(self, rollout: Rollout, credit: Credit, *, reducer: Reducer | None = None) -> Totals:
+        """As ``ClippedSurrogate.totals``."""
+        return self.as_clipped().totals(rollout, credit, reducer=reducer)
 
     def __call__(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
-                 reducer: Reducer | None = None) -> LossOutput:
-        check_logprobs(logprobs, rollout, "gspo")
-        check_credit(rollout, credit, "gspo")
-        mask = rollout.response_mask
-        old = rollout.old_logprobs if rollout.old_logprobs is not None else logprobs.detach()
-        log_ratio = sequence_log_ratio(logprobs, old, mask)
-        # The ratio is already relative to pi_old, so the surrogate's own "old" is 0.
-        per_token, clipped = F.clipped_surrogate(
-            log_ratio, torch.zeros_like(log_ratio), credit.advantages,
-            clip_low=self.clip_low, clip_high=self.clip_high, mask=mask,
-        )
-        agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer}
-        pg_loss = F.aggregate(per_token, mask, credit.token_weights, renormalize=self.renormalize, **agg)
-        loss, neg_logp = pg_loss, None
-        if self.entropy_penalty > 0:
-            neg_logp = F.aggregate(-logprobs.float(), mask, **agg)
-            loss = loss + self.entropy_penalty * neg_logp
-        clip_fraction = lambda: (clipped & mask).sum() / mask.sum().clamp_min(1).float()  # noqa: E731
-        return _surrogate_output(self, "gspo", loss, pg_loss, neg_logp, clip_fraction, logprobs, rollout, credit,
-                                 reducer)
+                 reducer: Reducer | None = None, totals: Totals | None = None) -> LossOutput:
+        return self.as_clipped()(logprobs, rollout, credit, reducer=reducer, totals=totals)

@@ -14,7 +14,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcredit._components import in_range
+from rlcredit.validators import in_range
 from rlcredit.errors import AdapterError, RolloutError
 
 __all__ = ["HFPolicy", "TokenStats"]
@@ -49,14 +49,15 @@ def _resolve_adapter(model: Any) -> Any:
     config = getattr(model, "config", None)
     if getattr(config, "vision_config", None) is None:
         return None
-    from rlcredit import registry
+    from rlcredit.registry import available, get
 
-    registry.load_plugins()
-    for cls in registry._REGISTRY["adapter"].values():
+    names = available("adapter")  # loads the plugins first
+    for name in names:
+        cls = get("adapter", name)
         matches = getattr(cls, "matches", None)
         if matches is not None and matches(config):
             return cls()
-    supported = ", ".join(sorted(registry._REGISTRY["adapter"])) or "(none: pip install 'rlcredit[mm]')"
+    supported = ", ".join(names) or "(none: pip install 'rlcredit[mm]')"
     raise AdapterError(
         f"no rlcredit adapter supports model_type {getattr(config, 'model_type', '?')!r}; supported: {supported}. "
         f"Register one with @rlcredit.register('adapter', NAME) (see rlcredit_mm.adapters) or pass HFPolicy(model, adapter=...)."

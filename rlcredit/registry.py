@@ -1,27 +1,26 @@
-"""Registry of components by ``(kind, name)``, spec parsing, and entry-point plugins.
+"""Registry of components by ``(kind, name)``, component specs, and entry-point plugins.
 
 Classes (and preset factories) are registered, never instances. Library code imports classes
 directly; only configs go through names. Configs are data: no ``eval``, no pickle, no import of a
-dotted path named in a config.
+dotted path named in a config. Whole strategy specs (presets, dicts, files) are built by
+``rlcredit.build`` (``rlcredit.specs``), which sits above ``rlcredit.strategy``; this module sits
+below every component and imports none of them.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from importlib import import_module, metadata
-from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
 
 from rlcredit.errors import RegistryError, RLCreditError, SpecError
 
-__all__ = ["KINDS", "register", "get", "available", "build", "build_component", "component_spec",
-           "load_plugins", "plugin_errors", "load_spec_file"]
+__all__ = ["KINDS", "register", "get", "available", "build_component", "component_spec", "load_plugins",
+           "plugin_errors"]
 
 KINDS: tuple[str, ...] = ("estimator", "weighter", "shaper", "loss", "perturbation", "adapter", "strategy")
 PLUGIN_GROUP = "rlcredit.plugins"
@@ -70,6 +69,7 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
         raise RegistryError(f"register: name must be a non-empty string, got {name!r}.")
 
     def decorator(obj: T) -> T:
+        _check_registrable(kind, name, obj)
         table = _REGISTRY[kind]
         if name in table and table[name] is not obj and not override:
             raise RegistryError(
@@ -77,10 +77,35 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
                 f"or pass override=True to replace it."
             )
         table[name] = obj
-        _NAMES[obj] = (kind, name)
+        # A class keeps the first name it was registered under: registering it again under an alias
+        # does not change the specs (``to_spec``) of the strategies that use it.
+        _NAMES.setdefault(obj, (kind, name))
         return obj
 
     return decorator
+
+
+SPEC_KINDS = ("estimator", "weighter", "shaper", "loss", "perturbation")
+"""Kinds whose components are written as specs: they must be attrs classes (their fields are the spec)."""
+
+
+def _check_registrable(kind: str, name: str, obj: Any) -> None:
+    """Only what can be built from a spec and written back as one gets a name."""
+    where = f"register({kind!r}, {name!r})"
+    if kind == "strategy":
+        if not callable(obj):
+            raise RegistryError(f"{where}: a preset is a function returning a rlcredit.Strategy, got {obj!r}.")
+        return
+    if not isinstance(obj, type):
+        raise RegistryError(
+            f"{where}: register a class (decorate the class itself), not {type(obj).__name__} {obj!r:.60}; "
+            f"configs build instances from it."
+        )
+    if kind in SPEC_KINDS and not attrs.has(obj):
+        raise RegistryError(
+            f"{where}: {obj.__name__} is not an attrs class; make it one (@attrs.frozen) so that its fields are "
+            f"its hyper-parameters and strategy.to_spec() can write it back."
+        )
 
 
 def _qualname(obj: Any) -> str:
@@ -225,7 +250,7 @@ def build_component(kind: str, spec: Any) -> Any:
         GroupNormalize(eps=0.0001, unbiased=True)
     """
     if isinstance(spec, str):
-        return get(kind, spec)()
+        return _instantiate(kind, spec, get(kind, spec), {})
     if isinstance(spec, Mapping):
         params = dict(spec)
         name = params.pop("name", None)
@@ -233,21 +258,35 @@ def build_component(kind: str, spec: Any) -> Any:
             raise SpecError(f"a {kind} spec dict needs a 'name' key naming a registered {kind}, got {dict(spec)!r}.")
         cls = get(kind, name)
         accepted = _init_names(cls)
-        unknown = sorted(set(params) - set(accepted)) if accepted or attrs.has(cls) else []
+        unknown = sorted(set(params) - set(accepted), key=str) if accepted or attrs.has(cls) else []
         if unknown:
             raise SpecError(
                 f"{kind} {name!r} got unknown parameter(s) {', '.join(map(repr, unknown))}; "
                 f"accepted: {', '.join(accepted) or '(none)'}."
             )
-        try:
-            return cls(**params)
-        except (TypeError, ValueError) as err:
-            if isinstance(err, RLCreditError):
-                raise
-            raise SpecError(f"{kind} {name!r}: {err}") from err
-    if spec is None or isinstance(spec, (int, float, bool, Sequence)):
-        raise SpecError(f"expected a {kind}: a registered name, a {{'name': ...}} dict or an object; got {spec!r}.")
+        return _instantiate(kind, name, cls, params)
+    if isinstance(spec, type):
+        raise SpecError(
+            f"expected a {kind} object, got the class {spec.__name__}; instantiate it ({spec.__name__}(...)) or pass "
+            f"its registered name."
+        )
+    if spec is None or isinstance(spec, (int, float, bool, Sequence)) or not callable(spec):
+        raise SpecError(
+            f"expected a {kind}: a registered name, a {{'name': ...}} dict or a {kind} object (callable, with "
+            f"`requires`); got {spec!r:.80}."
+        )
     return spec
+
+
+def _instantiate(kind: str, name: str, cls: Any, params: dict[str, Any]) -> Any:
+    try:
+        return cls(**params)
+    except RLCreditError:
+        raise
+    except (TypeError, ValueError) as err:
+        required = [a for a, f in _init_names(cls).items() if f.default is attrs.NOTHING]
+        hint = f" required parameter(s): {', '.join(required)}; write {{'name': {name!r}, ...}}." if required else ""
+        raise SpecError(f"{kind} {name!r}: {err}.{hint}") from None
 
 
 def component_spec(obj: Any) -> Any:
@@ -293,132 +332,3 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b) and type(a) is type(b)
     except Exception:  # tensors and other objects without plain equality
         return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Strategy specs
-
-_STRATEGY_KEYS = ("estimators", "weighter", "shapers", "policy_loss")
-
-
-def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a strategy spec from a ``.json``, ``.yaml``/``.yml`` or ``.toml`` file (data only).
-
-    Examples:
-        >>> import json, tempfile, pathlib, rlcredit
-        >>> from rlcredit.registry import load_spec_file
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "s.json"
-        >>> _ = path.write_text(json.dumps({"preset": "dapo", "shapers": ["group_center"]}))
-        >>> load_spec_file(path)
-        {'preset': 'dapo', 'shapers': ['group_center']}
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file {str(p)!r} does not exist.")
-    suffix = p.suffix.lower()
-    text = p.read_text()
-    try:
-        if suffix == ".json":
-            data = json.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as err:
-                raise SpecError("reading YAML specs needs PyYAML: pip install 'rlcredit[yaml]'.") from err
-            data = yaml.safe_load(text)  # safe_load: configs are data, never objects
-        elif suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            raise SpecError(f"spec file {str(p)!r}: unknown extension {suffix!r}; use .json, .yaml, .yml or .toml.")
-    except SpecError:
-        raise
-    except Exception as err:
-        raise SpecError(f"spec file {str(p)!r} could not be parsed: {err}") from err
-    if not isinstance(data, Mapping):
-        raise SpecError(f"spec file {str(p)!r} must hold a mapping (a strategy spec), got {type(data).__name__}.")
-    return dict(data)
-
-
-def build(spec: Any, **overrides: Any):
-    """Build a ``rlcredit.Strategy`` from a preset name, a spec dict, or a spec file.
-
-    Args:
-        spec: a registered preset name (``"grpo"``, ``"vppo"``...); else a path to a JSON, YAML or
-            TOML file; or a dict with keys ``estimators`` (name -> estimator spec), ``weighter``,
-            ``shapers`` (list), ``policy_loss``, and optionally ``preset`` (a preset to patch).
-            Parts left out default to GRPO: no estimators, ``uniform`` weighter,
-            ``[group_normalize]`` shapers, ``clipped_surrogate`` loss. A ``Strategy`` is returned
-            as it is (with overrides applied).
-        **overrides: replace whole parts of the result, e.g.
-            ``weighter={"name": "top_fraction", "fraction": 0.2}``.
-
-    Returns:
-        The ``rlcredit.Strategy``.
-
-    Raises:
-        RegistryError: an unknown preset or component name.
-        SpecError: an unknown key or parameter, or an unreadable file.
-
-    Examples:
-        >>> import rlcredit
-        >>> s = rlcredit.build("dapo")
-        >>> s.policy_loss.clip_high
-        0.28
-        >>> rlcredit.build(s.to_spec()) == s
-        True
-        >>> rlcredit.build("grpo", policy_loss={"name": "clipped_surrogate", "clip_high": 0.3}).policy_loss.clip_high
-        0.3
-    """
-    from rlcredit.strategy import Strategy
-
-    bad = sorted(set(overrides) - set(_STRATEGY_KEYS))
-    if bad:
-        raise SpecError(f"build(): unknown override(s) {', '.join(map(repr, bad))}; accepted: {', '.join(_STRATEGY_KEYS)}.")
-    if isinstance(spec, Strategy):
-        base = spec
-    elif isinstance(spec, (str, os.PathLike)):
-        if isinstance(spec, str) and (spec in _REGISTRY["strategy"] or not Path(spec).exists()):
-            if spec not in _REGISTRY["strategy"]:
-                load_plugins()
-            if spec not in _REGISTRY["strategy"]:
-                err = _unknown("strategy", spec)
-                raise RegistryError(f"{err} A string spec is a preset name or the path of an existing spec file.")
-            base = _call_preset(spec)
-        else:
-            return build(load_spec_file(spec), **overrides)
-    elif isinstance(spec, Mapping):
-        data = dict(spec)
-        preset = data.pop("preset", None)
-        unknown = sorted(set(data) - set(_STRATEGY_KEYS))
-        if unknown:
-            raise SpecError(
-                f"strategy spec has unknown key(s) {', '.join(map(repr, unknown))}; accepted: "
-                f"{', '.join(('preset',) + _STRATEGY_KEYS)}."
-            )
-        if preset is not None:
-            return build(preset, **{**data, **overrides})
-        base = Strategy(**data)
-    else:
-        raise SpecError(
-            f"build() takes a preset name, a spec dict, a spec file path or a Strategy; got {type(spec).__name__}."
-        )
-    return attrs.evolve(base, **overrides) if overrides else base
-
-
-def _call_preset(name: str):
-    from rlcredit.strategy import Strategy
-
-    strategy = _REGISTRY["strategy"][name]()
-    if not isinstance(strategy, Strategy):
-        raise RegistryError(f"preset {name!r} returned {type(strategy).__name__}, expected a rlcredit.Strategy.")
-    return strategy
-
-
-def import_optional(module: str, extra: str, what: str) -> Any:
-    """Import an optional dependency or raise a clear error naming the extra to install."""
-    try:
-        return import_module(module)
-    except ImportError as err:
-        raise SpecError(f"{what} needs the {module!r} package: pip install 'rlcredit[{extra}]'.") from err

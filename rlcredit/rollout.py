@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from rlcredit.errors import RolloutError
-from rlcredit.functional._checks import count, float_mask
+from rlcredit.functional._checks import ensure
 
 __all__ = ["Rollout", "Credit", "LossOutput", "EstimatorOutput", "Rows"]
 
-Rows = Union[Tensor, slice, "list[int]", range]
-"""Row selector for ``select``: an int64 index tensor, a bool mask ``[B]``, a slice, a list or a range."""
+Rows = Union[Tensor, slice, "list[int]", "list[bool]", range]
+"""Row selector for ``select``: integer indices in ``[0, B)`` (a tensor, list or range), a bool mask of
+length ``B`` (a tensor or list), or a slice."""
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -109,40 +110,57 @@ def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.
         raise RolloutError(
             f"{owner}.{name} is on {x.device} but the rest of the rollout is on {device}; move it with `.to({str(device)!r})`."
         )
-    if finite and x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise RolloutError(
-            f"{owner}.{name} contains {bad} non-finite value(s) (NaN or inf); every entry must be finite, "
-            f"padding positions included (fill them with 0)."
-        )
-
-
-def _unchecked(cls: type, **fields: Any) -> Any:
-    """An instance of the frozen attrs class ``cls`` with ``fields`` set as given: no converters,
-    no checks. Only for values that are rows of, or outputs derived from, checked ones."""
-    self = object.__new__(cls)
-    for name, value in fields.items():
-        object.__setattr__(self, name, value)
-    return self
+    if finite and x.dtype.is_floating_point:
+        ensure(torch.isfinite(x).all(), lambda: (
+            f"{owner}.{name} contains {int((~torch.isfinite(x)).sum())} non-finite value(s) (NaN or inf); every "
+            f"entry must be finite, padding positions included (fill them with 0)."))
 
 
 def _index(rows: Rows, n: int, device: torch.device) -> Tensor:
-    """Normalise a row selector to an int64 index tensor on ``device``."""
+    """The one row-selection rule of ``Rollout.select`` and ``Credit.select``, as an int64 index tensor.
+
+    Accepted: integer indices in ``[0, n)`` (a 1-D integer tensor, a list or tuple of ints, a
+    range), a bool mask of length ``n`` (a 1-D bool tensor or a list of bools), or a slice.
+    Rejected, with a ``RolloutError``: negative or out-of-range indices, floats, a mix of bools
+    and ints, other types, and an empty selection.
+    """
     if isinstance(rows, slice):
-        return torch.as_tensor(range(n)[rows], dtype=torch.long, device=device)
-    if isinstance(rows, (list, tuple, range)):
-        rows = torch.as_tensor(list(rows), dtype=torch.long)
-    if not isinstance(rows, Tensor):
-        raise RolloutError(f"select(rows) takes an index tensor, bool mask, slice, list or range; got {type(rows).__name__}.")
-    if rows.dtype == torch.bool:
-        if rows.shape != (n,):
-            raise RolloutError(f"select(rows): a bool mask must have shape [{n}], got {list(rows.shape)}.")
-        return rows.to(device).nonzero().flatten()
-    if rows.dtype.is_floating_point or rows.ndim != 1:
-        raise RolloutError(f"select(rows): expected a 1-D integer index tensor, got {_describe(rows)}.")
-    if rows.numel() and (int(rows.min()) < -n or int(rows.max()) >= n):
-        raise RolloutError(f"select(rows): indices must lie in [0, {n}), got min {int(rows.min())}, max {int(rows.max())}.")
-    return rows.to(device=device, dtype=torch.long)
+        idx = torch.as_tensor(range(n)[rows], dtype=torch.long)
+    elif isinstance(rows, (list, tuple, range)):
+        items = list(rows)
+        if items and all(isinstance(v, bool) for v in items):
+            rows = torch.tensor(items, dtype=torch.bool)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            rows = torch.tensor(items, dtype=torch.long)
+        else:
+            bad = next(v for v in items if not isinstance(v, int) or isinstance(v, bool))
+            raise RolloutError(
+                f"select(rows): a list of rows holds either ints (row indices) or bools (a mask of length {n}), "
+                f"got {bad!r} ({type(bad).__name__}) among {items[:8]!r}."
+            )
+        idx = rows
+    elif isinstance(rows, Tensor):
+        idx = rows
+    else:
+        raise RolloutError(
+            f"select(rows) takes row indices (an int tensor, list or range), a bool mask of length {n} or a slice; "
+            f"got {type(rows).__name__}."
+        )
+    if idx.dtype == torch.bool:
+        if tuple(idx.shape) != (n,):
+            raise RolloutError(f"select(rows): a bool mask must have shape [{n}] (one entry per row), got {list(idx.shape)}.")
+        idx = idx.to(device).nonzero().flatten()
+    elif idx.dtype.is_floating_point or idx.dtype.is_complex or idx.ndim != 1:
+        raise RolloutError(f"select(rows): expected 1-D integer row indices or a bool mask, got {_describe(idx)}.")
+    else:
+        idx = idx.to(device=device, dtype=torch.long)
+        if idx.numel():
+            ensure(((idx >= 0) & (idx < n)).all(), lambda: (
+                f"select(rows): row indices must lie in [0, {n}) (no negative indices), got min {int(idx.min())}, "
+                f"max {int(idx.max())}."))
+    if idx.numel() == 0:
+        raise RolloutError("select(rows) selected no rows (B = 0); pass at least one row.")
+    return idx
 
 
 @attrs.frozen(eq=False)
@@ -163,9 +181,11 @@ class Rollout:
             ``"connectivity"``.
         model_inputs: what the model was called with (TRL/verl layout: ``input_ids [B, P+T]`` whose
             last ``T`` columns are the response, ``attention_mask``, pixel tensors...), or None.
+        response_ids: ``[B, T]`` int64 or None, the sampled token ids of the responses (the
+            integrations fill it), for estimators that read the text (``token_match``).
 
     Every field is validated on construction: shapes, dtypes, one device, finite values (padding
-    included). A bad field raises ``rlcredit.RolloutError`` naming it.
+    included), non-negative token ids. A bad field raises ``rlcredit.RolloutError`` naming it.
 
     Examples:
         >>> import torch, rlcredit
@@ -187,6 +207,7 @@ class Rollout:
     ref_logprobs: Tensor | None = None
     signals: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
     model_inputs: Mapping[str, Any] | None = attrs.field(default=None, converter=_optional_frozen_mapping)
+    response_ids: Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
         mask = self.response_mask
@@ -204,6 +225,11 @@ class Rollout:
             value = getattr(self, name)
             if value is not None:
                 _check_tensor("Rollout", name, value, shape=(B, T), device=dev, kind="float")
+        if self.response_ids is not None:
+            ids = self.response_ids
+            _check_tensor("Rollout", "response_ids", ids, shape=(B, T), device=dev, kind="int")
+            ensure((ids >= 0).all(), lambda: "Rollout.response_ids holds negative token ids; token ids are >= 0 "
+                                             "(fill padding with 0 or the pad token id).")
         for key, value in self.signals.items():
             if not isinstance(key, str):
                 raise RolloutError(f"Rollout.signals keys must be strings, got {key!r}.")
@@ -248,7 +274,7 @@ class Rollout:
             >>> r.token_counts
             tensor([2, 1])
         """
-        return count(self.response_mask, -1)
+        return self.response_mask.sum(-1)
 
     @functools.cached_property
     def float_mask(self) -> Tensor:
@@ -263,40 +289,34 @@ class Rollout:
             >>> r.float_mask
             tensor([[1., 1., 0.]])
         """
-        return float_mask(self.response_mask)
+        return self.response_mask.float()
 
     def select(self, rows: Rows) -> Rollout:
         """The rollout restricted to ``rows`` (for mini/micro-batches of the loss).
 
+        ``rows`` follows one rule (``Credit.select`` too): integer indices in ``[0, B)`` (a
+        tensor, list or range), a bool mask of length ``B`` (a tensor or list), or a slice; an
+        empty selection, a negative or out-of-range index, or floats raise ``RolloutError``.
         ``model_inputs`` are dropped (set to None): their layout is architecture-specific (Qwen's
         flattened image patches have no row axis) and the loss never needs them. Run
         ``Strategy.assign`` on the full rollout, then ``select`` for the loss.
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> r = rlcredit.Rollout(torch.ones(3, 2, dtype=torch.bool), torch.tensor([1.0, 0.0, 2.0]),
+            ...                      torch.tensor([0, 0, 1]))
+            >>> r.select([2, 0]).rewards, r.select([True, False, True]).rewards
+            (tensor([2., 1.]), tensor([1., 2.]))
         """
         idx = _index(rows, self.batch_size, self.device)
-        if idx.numel() == 0:
-            raise RolloutError("select(rows) selected no rows (B = 0); pass at least one row.")
 
         def take(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.index_select(0, idx)
 
-        # Rows of tensors this rollout validated on construction: no second full check pass.
-        return _unchecked(Rollout, response_mask=take(self.response_mask), rewards=take(self.rewards),
-                          group_ids=take(self.group_ids), old_logprobs=take(self.old_logprobs),
-                          ref_logprobs=take(self.ref_logprobs),
-                          signals=_frozen_mapping({k: take(v) for k, v in self.signals.items()}),
-                          model_inputs=None)
-
-    def has(self, requirement: str) -> bool:
-        """Whether this rollout satisfies one requirement string (see ``requires`` in DESIGN §4).
-
-        ``"old_logprobs"``/``"ref_logprobs"``/``"model_inputs"``: the field is set;
-        ``"signal:KEY"``: ``signals`` has ``KEY``. Other requirements are not about the rollout.
-        """
-        if requirement.startswith("signal:"):
-            return requirement[len("signal:"):] in self.signals
-        if requirement in ("old_logprobs", "ref_logprobs", "model_inputs"):
-            return getattr(self, requirement) is not None
-        return False
+        return Rollout(response_mask=take(self.response_mask), rewards=take(self.rewards),
+                       group_ids=take(self.group_ids), old_logprobs=take(self.old_logprobs),
+                       ref_logprobs=take(self.ref_logprobs), signals={k: take(v) for k, v in self.signals.items()},
+                       model_inputs=None, response_ids=take(self.response_ids))
 
 
 @attrs.frozen(eq=False)
@@ -340,39 +360,65 @@ class Credit:
     token_weights: Tensor
     advantages: Tensor
     metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
-    # True when token_weights are known to be exactly 0 on padding (credit from Strategy.assign,
-    # whose weighters guarantee it), so a loss can skip re-masking them. Not part of equality.
-    _zero_padding: bool = attrs.field(default=False, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         w = self.token_weights
-        _check_tensor("Credit", "token_weights", w, shape=tuple(getattr(w, "shape", ())), device=None, kind="float")
+        _check_tensor("Credit", "token_weights", w, shape=tuple(getattr(w, "shape", ())), device=None, kind="float",
+                      finite=False)
         if w.ndim != 2:
             raise RolloutError(f"Credit.token_weights must be [B, T], got shape {list(w.shape)}.")
         B, T = w.shape
+        # Scores first: a non-finite score is the root cause of non-finite weights or advantages.
+        for key, value in self.scores.items():
+            if not isinstance(key, str):
+                raise RolloutError(f"Credit.scores keys must be score names (strings), got {key!r}.")
+            _check_tensor("Credit", f"scores[{key!r}]", value, shape=(B, T), device=w.device, kind="any", trailing=True)
+        _check_tensor("Credit", "token_weights", w, shape=(B, T), device=w.device, kind="float")
+        ensure((w >= 0).all(), lambda: (
+            f"Credit.token_weights holds {int((w < 0).sum())} negative value(s); token weights are >= 0 (they fold "
+            f"into the loss as w * l, exact only for w >= 0). Clamp them, or put signs in the advantages."))
         adv = self.advantages
         if not isinstance(adv, Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
             raise RolloutError(f"Credit.advantages must be [B] = [{B}] or [B, T] = [{B}, {T}], got {_describe(adv)}.")
         _check_tensor("Credit", "advantages", adv, shape=tuple(adv.shape), device=w.device, kind="float")
-        for key, value in self.scores.items():
-            _check_tensor("Credit", f"scores[{key!r}]", value, shape=(B, T), device=w.device, kind="any", trailing=True)
-
-    @classmethod
-    def _trusted(cls, scores: Mapping[str, Tensor], token_weights: Tensor, advantages: Tensor,
-                 metrics: Mapping[str, Tensor]) -> Credit:
-        """Construct without the value checks, for ``Strategy.assign``, whose components' outputs are
-        already checked (finite values cost full passes over ``[B, T]`` on the hot path)."""
-        return _unchecked(cls, scores=MappingProxyType(dict(scores)), token_weights=token_weights,
-                          advantages=advantages, metrics=_frozen_mapping(metrics), _zero_padding=True)
 
     def select(self, rows: Rows) -> Credit:
-        """The credit restricted to ``rows``; metrics (batch-level) are kept as they are."""
+        """The credit restricted to ``rows`` (the row rule of ``Rollout.select``); metrics are kept as they are.
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> c = rlcredit.Credit({}, torch.ones(3, 2), torch.tensor([1.0, -1.0, 0.5]))
+            >>> c.select(torch.tensor([2, 0])).advantages
+            tensor([0.5000, 1.0000])
+        """
         idx = _index(rows, self.token_weights.shape[0], self.token_weights.device)
-        # Rows of tensors already checked (on construction, or by Strategy.assign's components).
-        return _unchecked(Credit, scores=_frozen_mapping({k: v.index_select(0, idx) for k, v in self.scores.items()}),
-                          token_weights=self.token_weights.index_select(0, idx),
-                          advantages=self.advantages.index_select(0, idx), metrics=self.metrics,
-                          _zero_padding=self._zero_padding)
+        return Credit(scores={k: v.index_select(0, idx) for k, v in self.scores.items()},
+                      token_weights=self.token_weights.index_select(0, idx),
+                      advantages=self.advantages.index_select(0, idx), metrics=self.metrics)
+
+    def token_advantages(self, mask: Tensor | None = None) -> Tensor:
+        """``[B, T]`` float32 per-token advantages with the weights folded in: ``w_{i,t} * A_i``.
+
+        Exact for ``w >= 0``: ``-min(rho A w, clip(rho) A w) = w * -min(rho A, clip(rho) A)``, so a
+        trainer whose loss takes ``[B, T]`` advantages (TRL, verl) runs this credit unchanged.
+        Credit from ``Strategy.assign`` is 0 on padding; pass the ``[B, T]`` bool ``mask`` to make
+        it so for a hand-made credit too.
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> c = rlcredit.Credit({}, torch.tensor([[1.0, 0.0], [0.5, 2.0]]), torch.tensor([2.0, -1.0]))
+            >>> c.token_advantages()
+            tensor([[ 2.0000,  0.0000],
+                    [-0.5000, -2.0000]])
+        """
+        adv = self.advantages.float()
+        folded = self.token_weights.float() * (adv if adv.ndim == 2 else adv[:, None])
+        if mask is None:
+            return folded
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(folded.shape):
+            raise RolloutError(f"Credit.token_advantages(mask): mask must be a [B, T] = {list(folded.shape)} bool "
+                               f"tensor, got {_describe(mask)}.")
+        return torch.where(mask, folded, torch.zeros((), device=folded.device))
 
 
 @attrs.frozen(eq=False)

@@ -14,11 +14,12 @@ import attrs
 from torch import Tensor
 
 from rlcredit import functional as F
-from rlcredit._components import in_range, optional_str, pick_score, score_requirement
-from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
+from rlcredit.functional import Reducer
 from rlcredit.registry import register
+from rlcredit.requirements import Requirement, Score
 from rlcredit.rollout import Rollout
+from rlcredit.validators import in_range, is_bool, optional_str
 
 __all__ = ["AdvantageShaper", "GroupNormalize", "GroupCenter", "LeaveOneOut", "DependencyScale"]
 
@@ -28,12 +29,11 @@ class AdvantageShaper(Protocol):
     """One link of the advantage chain.
 
     Attributes:
-        requires: requirement strings (``"score:NAME"`` for scores read).
+        requires: a tuple of ``rlcredit.requirements`` values (``Score(NAME)`` for scores read).
 
     Call:
         ``(advantages [B] | [B, T], scores, rollout, *, reducer=None) -> [B] | [B, T]``, with
-        ``scores`` the strategy's named ``[B, T]`` scores, finite and 0 on padding (``Strategy``
-        guarantees both).
+        ``scores`` the strategy's named ``[B, T]`` scores, 0 on padding (``Strategy`` sets it).
 
     Examples:
         >>> import attrs, torch, rlcredit
@@ -47,7 +47,7 @@ class AdvantageShaper(Protocol):
         tensor([ 0.5000, -0.5000])
     """
 
-    requires: tuple[str, ...]
+    requires: tuple[Requirement, ...]
 
     def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
                  reducer: Reducer | None = None) -> Tensor: ...
@@ -88,7 +88,7 @@ class GroupNormalize:
     """
 
     eps: float = attrs.field(default=1e-6, validator=in_range(0.0))
-    unbiased: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    unbiased: bool = attrs.field(default=True, validator=is_bool)
 
     requires = ()
 
@@ -230,12 +230,12 @@ class DependencyScale:
             )
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return (score_requirement(self.score),)
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Score(self.score),)
 
     def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
                  reducer: Reducer | None = None) -> Tensor:
-        s = pick_score(scores, self.score, "shaper dependency_scale").float()
+        s = Score(self.score).read(scores, "shaper dependency_scale").float()
         # Scores are 0 on padding (every estimator's contract; Strategy zeroes a third-party
         # estimator's padding), so the row sum is the sum over valid tokens: one read of [B, T].
         n = rollout.token_counts

@@ -10,16 +10,16 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcredit._components import (
-    check_bt, describe_requirement, is_builtin, primary_scores, requirement_met, requires_of, to_component, to_components,
-)
-from rlcredit.distributed import Reducer
+from rlcredit._outputs import per_token
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.estimators import DependencyEstimator
+from rlcredit.functional import Reducer, Totals
 from rlcredit.losses import ClippedSurrogate, check_credit, check_logprobs
 from rlcredit.registry import build_component, component_spec
+from rlcredit.requirements import POLICY, Requirement, Score, leaves, primary_scores, requirements_of
 from rlcredit.rollout import Credit, EstimatorOutput, LazyMetrics, LossOutput, Rollout
 from rlcredit.shapers import GroupNormalize
+from rlcredit.validators import to_component, to_components
 from rlcredit.weighters import Uniform
 
 __all__ = ["Strategy"]
@@ -91,41 +91,80 @@ class Strategy:
         produced = set(self.estimators)
         for name, est in self.estimators.items():
             produced.update(f"{name}.{extra}" for extra in getattr(est, "extras", ()))
-        for who, component in self._readers():
-            for req in requires_of(component):
-                if not req.startswith("score:"):
+        for who, component in self._components():
+            for req in requirements_of(component, who):
+                if not isinstance(req, Score):
                     continue
-                score = req[len("score:"):]
-                if score == "" and len(self.estimators) != 1:
+                if req.name is None and len(self.estimators) != 1:
                     raise SpecError(
                         f"{who} reads an unnamed score, but the strategy has {len(self.estimators)} estimators "
                         f"({', '.join(self.estimators) or 'none'}); pass score=NAME, or add an estimator."
                     )
-                if score and score not in produced:
+                if req.name is not None and req.name not in produced:
                     raise SpecError(
-                        f"{who} reads score {score!r}, which no estimator produces; produced: "
+                        f"{who} reads score {req.name!r}, which no estimator produces; produced: "
                         f"{', '.join(sorted(produced)) or '(none: add estimators={{...}})'}."
                     )
 
-    def _readers(self) -> list[tuple[str, Any]]:
-        items = [(f"weighter {type(self.weighter).__name__}", self.weighter)]
+    def _components(self) -> list[tuple[str, Any]]:
+        """``(who, component)`` for every part, in the order ``assign`` and ``loss`` run them."""
+        items = [(f"estimator {name!r}", est) for name, est in self.estimators.items()]
+        items.append((f"weighter {type(self.weighter).__name__}", self.weighter))
         items += [(f"shaper {type(s).__name__}", s) for s in self.shapers]
         items.append((f"policy_loss {type(self.policy_loss).__name__}", self.policy_loss))
         return items
 
+    @property
+    def requirements(self) -> tuple[Requirement, ...]:
+        """What the strategy reads from a rollout and the policy: every part's requirements, each once.
+
+        Scores (``Score``) are internal wiring, checked at construction, and not listed.
+
+        Examples:
+            >>> import rlcredit
+            >>> [r.describe() for r in rlcredit.build("entropy_forks").requirements]
+            ["rollout.signals['entropy'] or (a policy and rollout.model_inputs)"]
+            >>> rlcredit.build("grpo").requirements
+            ()
+        """
+        reqs = [req for who, c in self._components() for req in requirements_of(c, who) if not isinstance(req, Score)]
+        return tuple(dict.fromkeys(reqs))
+
+    def needs_policy(self, rollout: Rollout) -> bool:
+        """Whether ``assign`` on this rollout needs a policy: a requirement the rollout alone does not
+        meet, but the rollout and a policy do (integrations build an ``rlcredit.HFPolicy`` only then).
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> mask, rewards, groups = torch.ones(1, 2, dtype=torch.bool), torch.tensor([1.0]), torch.tensor([0])
+            >>> inputs = {"input_ids": torch.zeros(1, 3, dtype=torch.long)}
+            >>> s = rlcredit.build("entropy_forks")
+            >>> s.needs_policy(rlcredit.Rollout(mask, rewards, groups, model_inputs=inputs))
+            True
+            >>> s.needs_policy(rlcredit.Rollout(mask, rewards, groups, signals={"entropy": torch.ones(1, 2)}))
+            False
+        """
+        return any(not req.met(rollout, None) and req.met(rollout, POLICY) for req in self.requirements)
+
     def _check_requirements(self, rollout: Rollout, policy: Any, components: list[tuple[str, Any]]) -> None:
-        missing = []
+        missing, policy_helps = [], False
         for who, component in components:
-            for req in requires_of(component):
-                if not requirement_met(req, rollout, policy):
-                    missing.append(f"{who} needs {describe_requirement(req)}")
+            for req in requirements_of(component, who):
+                if not req.met(rollout, policy):
+                    missing.append(f"{who} needs {req.describe()}")
+                    policy_helps |= POLICY in leaves(req)
         if missing:
-            raise RolloutError("missing inputs: " + "; ".join(missing) + ".")
+            hint = " A policy is passed as strategy.assign(rollout, policy=rlcredit.HFPolicy(model))." if policy_helps else ""
+            raise RolloutError("missing inputs: " + "; ".join(missing) + "." + hint)
 
     # ------------------------------------------------------------------------------------------
 
     def assign(self, rollout: Rollout, policy: Any = None, *, reducer: Reducer | None = None) -> Credit:
         """Compute scores, token weights and advantages for one rollout batch (no grad).
+
+        Every part's output is checked alike, built-in or third-party: ``[B, T]`` shapes (scores,
+        weights), ``[B]`` or ``[B, T]`` advantages, then values (finite; weights ``>= 0``) once, by
+        ``rlcredit.Credit``. Scores and weights are set to exactly 0 on padding.
 
         Args:
             rollout: the batch (``rlcredit.Rollout``).
@@ -137,11 +176,24 @@ class Strategy:
             detached ``metrics``.
 
         Raises:
-            RolloutError: the rollout or policy lacks what a component requires (all listed).
+            RolloutError: the rollout or policy lacks what a component requires (all listed), or a
+                part returned a wrong shape or non-finite values (the part is named).
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> r = rlcredit.Rollout(torch.tensor([[True, True, False]] * 2), torch.tensor([1.0, 0.0]),
+            ...                      torch.tensor([0, 0]))
+            >>> rlcredit.build("grpo").assign(r).token_advantages()
+            tensor([[ 0.7071,  0.7071,  0.0000],
+                    [-0.7071, -0.7071, -0.0000]])
         """
         if not isinstance(rollout, Rollout):
             raise RolloutError(f"Strategy.assign takes a rlcredit.Rollout, got {type(rollout).__name__}.")
-        components = [(f"estimator {name!r}", est) for name, est in self.estimators.items()] + self._readers()
+        if isinstance(policy, torch.nn.Module):
+            raise RolloutError(
+                f"Strategy.assign: policy is a raw {type(policy).__name__}; wrap it: policy=rlcredit.HFPolicy(model)."
+            )
+        components = self._components()
         self._check_requirements(rollout, policy, components)
         mask = rollout.response_mask
         B, T = mask.shape
@@ -150,28 +202,34 @@ class Strategy:
             for name, est in self.estimators.items():
                 out = est(rollout, policy)
                 who = f"estimator {name!r} ({type(est).__name__})"
-                trusted = is_builtin(est)
                 if isinstance(out, EstimatorOutput):
-                    scores[name] = check_bt(out.score, mask, who, trusted=trusted)
+                    scores[name] = per_token(out.score, mask, who)
                     for key, extra in out.extras.items():
-                        if not isinstance(extra, Tensor) or tuple(extra.shape[:2]) != (B, T):
-                            raise RolloutError(f"{who}: extra {key!r} must have leading shape [B, T] = [{B}, {T}].")
+                        if not isinstance(extra, Tensor) or tuple(extra.shape[:2]) != (B, T) or extra.device != mask.device:
+                            raise RolloutError(
+                                f"{who}: extra {key!r} must be a tensor with leading shape [B, T] = [{B}, {T}] on "
+                                f"{mask.device}."
+                            )
                         scores[f"{name}.{key}"] = extra.detach()
                 else:
-                    scores[name] = check_bt(out, mask, who, trusted=trusted)
-            weights = check_bt(self.weighter(scores, rollout, reducer=reducer), mask,
-                               f"weighter {type(self.weighter).__name__}", trusted=is_builtin(self.weighter),
-                               nonnegative=True)
+                    scores[name] = per_token(out, mask, who)
+            weighter = f"weighter {type(self.weighter).__name__}"
+            weights = per_token(self.weighter(scores, rollout, reducer=reducer), mask, weighter)
             advantages = rollout.rewards.float()
             for shaper in self.shapers:
                 advantages = shaper(advantages, scores, rollout, reducer=reducer)
-                if not isinstance(advantages, Tensor) or tuple(advantages.shape) not in ((B,), (B, T)):
-                    raise RolloutError(f"shaper {type(shaper).__name__} must return [B] or [B, T] advantages.")
-                if not is_builtin(shaper) and not bool(torch.isfinite(advantages).all()):
-                    raise RolloutError(f"shaper {type(shaper).__name__} returned non-finite advantages.")
+                if not isinstance(advantages, Tensor) or tuple(advantages.shape) not in ((B,), (B, T)) \
+                        or advantages.is_complex() or advantages.device != mask.device:
+                    raise RolloutError(f"shaper {type(shaper).__name__} must return real [B] or [B, T] advantages on "
+                                       f"{mask.device}, got {advantages!r:.80}.")
             advantages = advantages.float()
             metrics = self._metrics(scores, weights, advantages, mask)
-        return Credit._trusted(scores, weights, advantages, metrics)
+        try:
+            return Credit(scores, weights, advantages, metrics)
+        except RolloutError as err:
+            sources = (f"scores come from the estimators, token_weights from the {weighter}, advantages from the "
+                       f"shapers {[type(s).__name__ for s in self.shapers]}")
+            raise RolloutError(f"{err} ({sources}.)") from None
 
     @staticmethod
     def _metrics(scores: Mapping[str, Tensor], weights: Tensor, advantages: Tensor, mask: Tensor) -> LazyMetrics:
@@ -190,22 +248,38 @@ class Strategy:
         return LazyMetrics(thunks)
 
     def loss(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
-             reducer: Reducer | None = None) -> LossOutput:
+             reducer: Reducer | None = None, totals: Totals | None = None) -> LossOutput:
         """The differentiable policy loss of a (micro-)batch.
 
         Args:
             logprobs: ``[B, T]`` log-probs of the response tokens under the current policy (with grad).
             rollout: the rollout, or ``rollout.select(rows)`` for a micro-batch.
             credit: the credit from ``assign``, or ``credit.select(rows)`` (same rows).
-            reducer: for token-mean denominators across ranks.
+            reducer: for denominators across ranks.
+            totals: the batch statistics to divide by when these rows are part of a larger batch
+                (``strategy.policy_loss.totals(whole_rollout, whole_credit)``): the micro-batch
+                losses then add up to the whole batch's loss. None: these rows are the batch.
 
         Returns:
             ``rlcredit.LossOutput``.
+
+        Examples:
+            >>> import torch, rlcredit
+            >>> s = rlcredit.build("dapo")
+            >>> r = rlcredit.Rollout(torch.ones(2, 3, dtype=torch.bool), torch.tensor([1.0, 0.0]),
+            ...                      torch.tensor([0, 0]), old_logprobs=torch.full((2, 3), -1.0))
+            >>> out = s.loss(torch.full((2, 3), -1.0, requires_grad=True), r, s.assign(r))
+            >>> out.loss, out.metrics["clip_fraction"]
+            (tensor(0., grad_fn=<...>), tensor(0.))
         """
+        if not isinstance(rollout, Rollout) or not isinstance(credit, Credit):
+            bad, want = (rollout, "Rollout") if not isinstance(rollout, Rollout) else (credit, "Credit")
+            raise RolloutError(f"Strategy.loss takes a rlcredit.{want}, got {type(bad).__name__}.")
         check_logprobs(logprobs, rollout, "Strategy.loss")
         check_credit(rollout, credit, "Strategy.loss")
-        self._check_requirements(rollout, True, [(f"policy_loss {type(self.policy_loss).__name__}", self.policy_loss)])
-        return self.policy_loss(logprobs, rollout, credit, reducer=reducer)
+        self._check_requirements(rollout, POLICY, self._components()[-1:])
+        extra = {} if totals is None else {"totals": totals}
+        return self.policy_loss(logprobs, rollout, credit, reducer=reducer, **extra)
 
     # ------------------------------------------------------------------------------------------
 

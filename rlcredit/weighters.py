@@ -13,7 +13,6 @@ part leaves at 0), which nest in specs. AT-RL's ``anchor_clusters`` lives in ``r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,15 +21,14 @@ import torch
 from torch import Tensor
 
 from rlcredit import functional as F
-from rlcredit._components import (
-    check_bt, in_range, one_of, optional_str, pick_score, requires_of, score_requirement, to_component, to_components,
-)
-from rlcredit.distributed import Reducer
+from rlcredit._outputs import per_token
 from rlcredit.errors import RolloutError, SpecError
-from rlcredit.functional._checks import float_mask
+from rlcredit.functional import Reducer
 from rlcredit.functional._stapo import spurious_token_mask
 from rlcredit.registry import register
+from rlcredit.requirements import Field, Requirement, Score, requirements_of
 from rlcredit.rollout import Rollout
+from rlcredit.validators import in_range, is_bool, one_of, optional_str, to_component, to_components
 
 __all__ = ["TokenWeighter", "Uniform", "TopFraction", "Threshold", "SoftWeight", "Intersect", "Union",
            "Complement", "Stapo"]
@@ -41,8 +39,9 @@ class TokenWeighter(Protocol):
     """Scores to per-token weights.
 
     Attributes:
-        requires: requirement strings; ``"score:NAME"`` for each score read (``"score:"`` reads the
-            strategy's single score), checked by ``Strategy`` at construction.
+        requires: a tuple of ``rlcredit.requirements`` values: ``Score(NAME)`` for each score read
+            (``Score(None)``: the strategy's single score; checked by ``Strategy`` at construction),
+            plus any rollout field or signal it reads (``Field("old_logprobs")``...).
 
     Call:
         ``(scores: Mapping[str, Tensor [B, T]], rollout, *, reducer=None) -> Tensor [B, T]``,
@@ -50,19 +49,19 @@ class TokenWeighter(Protocol):
 
     Examples:
         >>> import attrs, torch, rlcredit
+        >>> from rlcredit.requirements import Score
         >>> @attrs.frozen
         ... class Squared:  # weight = score ** 2 on the strategy's single score
-        ...     requires = ("score:",)
+        ...     requires = (Score(None),)
         ...     def __call__(self, scores, rollout, *, reducer=None):
-        ...         (s,) = scores.values()
-        ...         return s ** 2
+        ...         return Score(None).read(scores, "weighter Squared") ** 2
         >>> r = rlcredit.Rollout(torch.ones(1, 2, dtype=torch.bool), torch.tensor([1.0]), torch.tensor([0]),
         ...                      signals={"h": torch.tensor([[0.5, 2.0]])})
         >>> rlcredit.Strategy(estimators={"h": {"name": "signal", "key": "h"}}, weighter=Squared()).assign(r).token_weights
         tensor([[0.2500, 4.0000]])
     """
 
-    requires: tuple[str, ...]
+    requires: tuple[Requirement, ...]
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor: ...
 
@@ -86,18 +85,10 @@ class Uniform:
     requires = ()
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
-        return float_mask(rollout.response_mask)
+        return rollout.float_mask
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _finite_number(instance: Any, attribute: Any, value: Any) -> None:
-    """attrs validator: a finite real number (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(
-            f"{type(instance).__name__}.{attribute.name} must be a finite number, got {value!r}."
-        )
 
 
 def _non_empty(instance: Any, attribute: Any, value: tuple) -> None:
@@ -126,7 +117,7 @@ class _NAry:
         self.__attrs_init__(given)
 
     @property
-    def requires(self) -> tuple[str, ...]:
+    def requires(self) -> tuple[Requirement, ...]:
         return _requires_union(self.parts)
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
@@ -136,16 +127,15 @@ class _NAry:
             out = self._combine(out, _part_weights(part, scores, rollout, reducer, who))
         return out
 
-def _requires_union(parts: tuple) -> tuple[str, ...]:
+def _requires_union(parts: tuple) -> tuple[Requirement, ...]:
     """The parts' requirements, each once, in order of first appearance."""
-    return tuple(dict.fromkeys(req for part in parts for req in requires_of(part)))
+    return tuple(dict.fromkeys(req for part in parts for req in requirements_of(part)))
 
 
 def _part_weights(part: Any, scores: Mapping[str, Tensor], rollout: Rollout, reducer: Reducer | None,
                   who: str) -> Tensor:
     """A nested weighter's ``[B, T]`` output as float32 with exact zeros on padding (shape-checked)."""
-    return check_bt(part(scores, rollout, reducer=reducer), rollout.response_mask,
-                    f"{who} part {type(part).__name__}")
+    return per_token(part(scores, rollout, reducer=reducer), rollout.response_mask, f"{who} part {type(part).__name__}")
 
 
 # --- selection by score -----------------------------------------------------------------------
@@ -190,14 +180,14 @@ class TopFraction:
     score: str | None = attrs.field(default=None, validator=optional_str)
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return (score_requirement(self.score),)
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Score(self.score),)
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
-        s = pick_score(scores, self.score, "weighter top_fraction")
+        s = Score(self.score).read(scores, "weighter top_fraction")
         keep = F.top_fraction_mask(s, rollout.response_mask, self.fraction, self.scope,
                                    group_ids=rollout.group_ids, reducer=reducer)
-        return float_mask(keep)
+        return keep.float()
 
 
 @register("weighter", "threshold")
@@ -223,16 +213,16 @@ class Threshold:
         tensor([[1., 0., 0.]])
     """
 
-    value: float = attrs.field(validator=_finite_number)
+    value: float = attrs.field(validator=in_range())
     score: str | None = attrs.field(default=None, validator=optional_str)
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return (score_requirement(self.score),)
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Score(self.score),)
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
-        s = pick_score(scores, self.score, "weighter threshold")
-        return float_mask(rollout.response_mask & (s.float() >= self.value))
+        s = Score(self.score).read(scores, "weighter threshold")
+        return (rollout.response_mask & (s.float() >= self.value)).float()
 
 
 @register("weighter", "soft")
@@ -274,17 +264,17 @@ class SoftWeight:
     """
 
     temperature: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
-    normalize: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    normalize: bool = attrs.field(default=False, validator=is_bool)
     score: str | None = attrs.field(default=None, validator=optional_str)
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return (score_requirement(self.score),)
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Score(self.score),)
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
         mask = rollout.response_mask
         zero = torch.zeros((), device=mask.device)
-        s = torch.where(mask, pick_score(scores, self.score, "weighter soft").float(), zero)
+        s = torch.where(mask, Score(self.score).read(scores, "weighter soft").float(), zero)
         n = mask.sum(-1, keepdim=True).clamp_min(1).float()
         mean = s.sum(-1, keepdim=True) / n
         dev = torch.where(mask, s - mean, zero)
@@ -390,12 +380,12 @@ class Complement:
     part: Any = attrs.field(converter=to_component("weighter"))
 
     @property
-    def requires(self) -> tuple[str, ...]:
+    def requires(self) -> tuple[Requirement, ...]:
         return _requires_union((self.part,))
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
         w = _part_weights(self.part, scores, rollout, reducer, "complement")
-        return float_mask(rollout.response_mask & (w == 0))
+        return (rollout.response_mask & (w == 0)).float()
 
 
 # --- STAPO ------------------------------------------------------------------------------------
@@ -456,18 +446,18 @@ class Stapo:
     score: str | None = attrs.field(default=None, validator=optional_str)
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return ("old_logprobs", score_requirement(self.score))
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Field("old_logprobs"), Score(self.score))
 
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
         if rollout.old_logprobs is None:
             raise RolloutError(
                 "weighter stapo needs rollout.old_logprobs (pi_old(y_t) = exp(old_logprobs)); pass them."
             )
-        entropy = pick_score(scores, self.score, "weighter stapo")
+        entropy = Score(self.score).read(scores, "weighter stapo")
         positive = F.group_center(rollout.rewards, rollout.group_ids, reducer=reducer) > 0
         spurious = spurious_token_mask(
             entropy, rollout.old_logprobs, positive, rollout.response_mask,
             prob_threshold=self.prob_threshold, entropy_quantile=self.entropy_quantile, reducer=reducer,
         )
-        return float_mask(rollout.response_mask & ~spurious)
+        return (rollout.response_mask & ~spurious).float()

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from rlcredit.errors import AdapterError
-from rlcredit.registry import _REGISTRY, load_plugins, register
+from rlcredit.registry import available, get, register
 
 __all__ = [
     "VLMAdapter", "ImageFn", "StackedImagesAdapter", "QwenVLAdapter", "Qwen2VLAdapter", "Qwen25VLAdapter",
@@ -712,13 +712,13 @@ def adapter_for(model_or_config: Any) -> Any:
         rlcredit.errors.AdapterError: no rlcredit adapter supports model_type 'llama'; ...
     """
     config = config_of(model_or_config)
-    load_plugins()
-    for cls in _REGISTRY["adapter"].values():
+    adapters = {name: get("adapter", name) for name in available("adapter")}  # plugins loaded first
+    for cls in adapters.values():
         matches = getattr(cls, "matches", None)
         if matches is not None and matches(config):
             return cls()
     supported = ", ".join(
-        f"{name} ({'/'.join(getattr(cls, 'model_types', ()) or ('?',))})" for name, cls in sorted(_REGISTRY["adapter"].items())
+        f"{name} ({'/'.join(getattr(cls, 'model_types', ()) or ('?',))})" for name, cls in adapters.items()
     )
     raise AdapterError(
         f"no rlcredit adapter supports model_type {getattr(config, 'model_type', '?')!r}; supported: {supported}. "

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlcredit._components import in_range, int_at_least, is_bool, one_of, optional_str, pick_score, primary_scores, score_requirement
+from rlcredit.requirements import Requirement, Score
+from rlcredit.validators import in_range, int_at_least, is_bool, one_of, optional_str
 from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.registry import register
@@ -368,16 +369,14 @@ class AnchorClusters:
             raise SpecError("AnchorClusters: rescale=True needs w_anchor or w_other > 0 (all-zero weights have no mean).")
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return (score_requirement(self.score),)
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Score(self.score),)
 
     def anchors(self, scores: Mapping[str, Tensor], rollout: Rollout) -> Tensor:
         """The ``[B, T]`` bool anchor mask (what the weights are built from), for inspection and plots."""
         who = "weighter AnchorClusters"
-        conn = pick_score(scores, self.score, who).float()
-        name = self.score
-        if name is None:
-            name = primary_scores(scores)[0]
+        name = Score(self.score).resolve(scores, who)
+        conn = scores[name].float()
         profile = scores.get(f"{name}.profile")
         mask = rollout.response_mask
         if profile is not None and (profile.ndim != 3 or tuple(profile.shape[:2]) != tuple(mask.shape)):

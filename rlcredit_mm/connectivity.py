@@ -35,7 +35,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcredit._components import POLICY, in_range, int_at_least, is_bool, one_of
+from rlcredit.requirements import POLICY, Field
+from rlcredit.validators import in_range, int_at_least, is_bool, one_of
 from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.rollout import EstimatorOutput, Rollout
@@ -458,7 +459,7 @@ class AttentionConnectivity:
     auto_layers: int = attrs.field(default=4, validator=int_at_least(1))
     query_chunk: int = attrs.field(default=64, validator=int_at_least(1))
 
-    requires = (POLICY, "model_inputs")
+    requires = (POLICY, Field("model_inputs"))
     extras = ("profile",)
 
     def chosen_layers(self, n_layers: int) -> tuple[int, ...]:

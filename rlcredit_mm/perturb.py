@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlcredit._components import in_range
+from rlcredit.validators import in_range
 from rlcredit.errors import SpecError
 from rlcredit.registry import register
 from rlcredit_mm.adapters import adapter_for, config_of

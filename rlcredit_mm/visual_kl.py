@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from rlcredit import functional as F
-from rlcredit._components import POLICY, in_range, one_of, to_component
+from rlcredit.requirements import POLICY, AllOf, AnyOf, Field, Requirement, Signal
+from rlcredit.validators import in_range, one_of, to_component
 from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.rollout import Rollout
@@ -23,13 +24,8 @@ __all__ = ["VisualKL", "ESTIMATES"]
 
 ESTIMATES = ("k3", "exact", "fused")
 
-_K3_REQUIRES = (
-    # (aug_logprobs and old_logprobs) or (policy and model_inputs), written as AND of ORs.
-    "signal:aug_logprobs|" + POLICY,
-    "old_logprobs|" + POLICY,
-    "signal:aug_logprobs|model_inputs",
-    "old_logprobs|model_inputs",
-)
+_MODEL = AllOf(POLICY, Field("model_inputs"))
+_K3_REQUIRES = (AnyOf(AllOf(Signal("aug_logprobs"), Field("old_logprobs")), _MODEL),)
 
 
 @register("estimator", "visual_kl")
@@ -86,8 +82,8 @@ class VisualKL:
         ...                      signals={"aug_logprobs": torch.tensor([[-1.0, -1.0, 0.0]])})
         >>> VisualKL()(r)  # d = (0, 1): S = (0, e - 2)
         tensor([[0.0000, 0.7183, 0.0000]])
-        >>> VisualKL(estimate="exact", perturbation={"name": "patch_blackout", "p": 0.6}).requires
-        ('policy', 'model_inputs')
+        >>> [r.describe()[:8] for r in VisualKL(estimate="exact", perturbation={"name": "patch_blackout", "p": 0.6}).requires]
+        ['a policy']
     """
 
     estimate: str = attrs.field(default="k3", validator=one_of(*ESTIMATES))
@@ -104,8 +100,8 @@ class VisualKL:
             )
 
     @property
-    def requires(self) -> tuple[str, ...]:
-        return _K3_REQUIRES if self.estimate == "k3" else (POLICY, "model_inputs")
+    def requires(self) -> tuple[Requirement, ...]:
+        return _K3_REQUIRES if self.estimate == "k3" else (_MODEL,)
 
     # --- entry point ----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rlcredit
+from rlcredit.requirements import Score
 from rlcredit_mm import AnchorClusters, anchors
 from rlcredit_mm.anchors import cluster_tokens, select_anchor_clusters, top_share_anchors
 
@@ -290,8 +291,8 @@ def test_without_pymetis_falls_back_to_top_share_with_one_warning(monkeypatch):
 def test_spec_roundtrip_and_requires():
     w = rlcredit.registry.build_component("weighter", {"name": "anchor_clusters", "score": "connectivity", "knn": 4})
     assert w == AnchorClusters(score="connectivity", knn=4)
-    assert w.requires == ("score:connectivity",)
-    assert AnchorClusters().requires == ("score:",)
+    assert w.requires == (Score("connectivity"),)
+    assert AnchorClusters().requires == (Score(None),)
     assert rlcredit.registry.component_spec(w) == {"name": "anchor_clusters", "score": "connectivity", "knn": 4}
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import rlcredit
+from rlcredit.requirements import POLICY, Field
 from mm_models import IMAGE, make_vlm
 from rlcredit_mm import AttentionConnectivity, connectivity
 from rlcredit_mm.connectivity import CAPTURE_IMPLEMENTATION, default_layers
@@ -278,7 +279,7 @@ def test_registered_with_transformers_and_registry():
     est = rlcredit.registry.build_component("estimator", {"name": "attention_connectivity", "layers": [2, -1]})
     assert est == AttentionConnectivity(layers=(2, -1))
     assert rlcredit.registry.component_spec(est) == {"name": "attention_connectivity", "layers": [2, -1]}
-    assert est.requires == ("policy", "model_inputs") and est.extras == ("profile",)
+    assert est.requires == (POLICY, Field("model_inputs")) and est.extras == ("profile",)
 
 
 # ------------------------------------------------------------------------ at_rl end to end

@@ -37,6 +37,7 @@ import rlcredit
 from rlcredit import functional as F
 from rlcredit.distributed import LocalReducer, Reducer, TorchDistributedReducer
 from rlcredit.errors import RLCreditError, RolloutError
+from rlcredit.requirements import Field, Signal
 from tests.strategies import run_ranks, spawn_bounded
 
 ATOL = RTOL = 1e-6
@@ -113,7 +114,7 @@ class K3FromSignal:
     ``d = clamp(aug - old, -20, 20)``, ``S = clamp(e^d - d - 1, 0, 10)``, 0 on padding.
     """
 
-    requires = ("old_logprobs", "signal:aug_logprobs")
+    requires = (Field("old_logprobs"), Signal("aug_logprobs"))
     extras = ()
 
     def __call__(self, rollout: rlcredit.Rollout, policy: Any = None) -> torch.Tensor:

@@ -45,7 +45,8 @@ REGISTERED_NAMES = [
 # must have one, under the module that defines it.
 API_ANCHORS = [
     *(f"rlcredit.{n}" for n in ("Rollout", "Credit", "LossOutput", "EstimatorOutput", "Strategy", "HFPolicy")),
-    *(f"rlcredit.registry.{n}" for n in ("build", "register", "get", "available")),
+    *(f"rlcredit.registry.{n}" for n in ("register", "get", "available")),
+    "rlcredit.specs.build",
     *(f"rlcredit.errors.{n}" for n in ("RLCreditError", "RolloutError", "RegistryError", "SpecError", "AdapterError")),
     *(f"rlcredit.functional.{n}" for n in (
         "token_kl", "fused_token_kl", "token_entropy", "group_normalize", "top_fraction_mask",

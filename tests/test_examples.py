@@ -81,7 +81,7 @@ def test_custom_estimator(clean_registry, capsys):
     ns = _load("custom_estimator.py")
     strategy = ns["main"](["--quick"])
     out = capsys.readouterr().out
-    assert "SpecError as expected: Surprisal.cap must be a number in (0.0, inf], got -1." in out
+    assert "SpecError as expected: Surprisal.cap must be a number in (0.0, inf), got -1." in out
     assert rlcredit.get("estimator", "surprisal") is ns["Surprisal"]
     # The estimator's values by hand: -old_logprobs clamped to [0, cap], 0 on padding.
     rollout = ns["synthetic_rollout"](4, 5)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import rlcredit
 from rlcredit import Credit, Rollout, SpecError
 from rlcredit.losses import GSPO, ClippedSurrogate
+from rlcredit.requirements import Field
 from tests.strategies import run_ranks
 from tests.strategies_credit import credit_batches
 
@@ -133,7 +134,7 @@ def test_kl_and_entropy_terms_are_shared_with_clipped_surrogate():
     assert out.metrics["kl"].item() == pytest.approx(kl, rel=1e-5)
     assert out.metrics["neg_logprob"].item() == pytest.approx(1.5)
     assert out.loss.item() == pytest.approx(0.1 * kl + 0.06 * 1.5, rel=1e-5)
-    assert GSPO(kl_coef=0.1).requires == ("ref_logprobs",) and GSPO().requires == ()
+    assert GSPO(kl_coef=0.1).requires == (Field("ref_logprobs"),) and GSPO().requires == ()
 
 
 @given(t=credit_batches(max_B=7), data=st.data())
@@ -170,7 +171,7 @@ def test_registered_defaults_and_spec_round_trip():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(clip_low=1.0), r"GSPO.clip_low must be a number in \[0.0, 1.0\)"),
-    (dict(clip_high=-1e-4), r"GSPO.clip_high must be a number in \[0.0, inf\]"),
+    (dict(clip_high=-1e-4), r"GSPO.clip_high must be a number in \[0.0, inf\)"),
     (dict(aggregation="sum"), "GSPO.aggregation must be one of 'token_mean', 'seq_mean_token_mean'"),
     (dict(renormalize=True, aggregation="seq_mean_token_sum"), "renormalize=True needs a token-count denominator"),
     (dict(max_length=100), "max_length is only used by aggregation 'seq_mean_token_sum_norm'"),

@@ -99,7 +99,7 @@ def test_entropy_forks_names_its_score_and_needs_entropy():
     assert s.weighter == TopFraction(0.2, scope="batch", score="entropy")
     assert (s.policy_loss.clip_low, s.policy_loss.clip_high, s.policy_loss.aggregation) == (0.2, 0.28, "token_mean")
     r = Rollout(torch.ones(1, 2, dtype=torch.bool), torch.zeros(1), torch.zeros(1, dtype=torch.long))
-    with pytest.raises(RolloutError, match=r"estimator 'entropy' needs rollout.signals\['entropy'\] or a policy"):
+    with pytest.raises(RolloutError, match=r"estimator 'entropy' needs rollout.signals\['entropy'\] or \(a policy and rollout.model_inputs\)"):
         s.assign(r)
 
 

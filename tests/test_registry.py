@@ -137,8 +137,14 @@ def test_bad_files(tmp_path):
     other.write_text("x")
     with pytest.raises(SpecError, match="unknown extension"):
         rlcredit.build(str(other))
-    with pytest.raises(RegistryError, match="path of an existing spec file"):
+    with pytest.raises(SpecError, match="spec file .*missing.yaml' does not exist"):
         rlcredit.build(str(tmp_path / "missing.yaml"))
+    with pytest.raises(RegistryError, match="path of an existing spec file"):
+        rlcredit.build("no_such_preset")
+    with pytest.raises(SpecError, match="is a folder, not a spec file"):
+        rlcredit.build(str(tmp_path))
+    with pytest.raises(SpecError, match="empty string names neither a preset nor a spec file"):
+        rlcredit.build("")
 
 
 def _make_dist(site, dist, module, body, entry="rlcredit.plugins"):

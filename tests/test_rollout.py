@@ -20,8 +20,9 @@ def _rollout(**kw):
 def test_valid_rollout_properties():
     r = _rollout(old_logprobs=torch.zeros(2, 3), signals={"entropy": torch.ones(2, 3), "profile": torch.ones(2, 3, 4)})
     assert (r.batch_size, r.response_length) == (2, 3)
-    assert r.has("old_logprobs") and not r.has("ref_logprobs")
-    assert r.has("signal:entropy") and not r.has("signal:aug_logprobs")
+    from rlcredit.requirements import Field, Signal
+    assert Field("old_logprobs").met(r, None) and not Field("ref_logprobs").met(r, None)
+    assert Signal("entropy").met(r, None) and not Signal("aug_logprobs").met(r, None)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +87,7 @@ def test_select_bool_mask_and_bad_selectors():
         r.select([2])
     with pytest.raises(RolloutError, match="bool mask must have shape"):
         r.select(torch.tensor([True]))
-    with pytest.raises(RolloutError, match="index tensor"):
+    with pytest.raises(RolloutError, match="takes row indices"):
         r.select("rows")
 
 
@@ -139,12 +140,12 @@ def test_select_skips_no_field_and_keeps_the_cached_views_right():
         r.select(torch.tensor([False, False, False]))
 
 
-def test_credit_select_keeps_values_and_what_is_known_about_padding():
+def test_credit_select_keeps_values():
     c = rlcredit.Credit({"s": torch.arange(6.0).view(2, 3)}, torch.ones(2, 3), torch.tensor([1.0, -1.0]),
                         metrics={"m": torch.tensor(0.5)})
     s = c.select([1])
     assert torch.equal(s.scores["s"], torch.tensor([[3.0, 4.0, 5.0]])) and torch.equal(s.advantages, torch.tensor([-1.0]))
-    assert s.metrics["m"] == 0.5 and not s._zero_padding
+    assert s.metrics["m"] == 0.5
     with pytest.raises(TypeError):
         s.scores["t"] = torch.zeros(1, 3)
     with pytest.raises(AttributeError):

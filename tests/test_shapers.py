@@ -184,10 +184,10 @@ def test_in_a_strategy_after_group_normalize():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(beta_min=-0.1), r"DependencyScale.beta_min must be a number in \[0.0, inf\], got -0.1"),
+    (dict(beta_min=-0.1), r"DependencyScale.beta_min must be a number in \[0.0, inf\), got -0.1"),
     (dict(beta_min=1.5), r"beta_min must be in \[0, 1\] in the mean-preserving form"),
     (dict(beta_min=0.9, beta_max=0.9), "beta_max must be greater than beta_min"),
-    (dict(beta_max=-1.0), r"beta_max must be a number in \[0.0, inf\]"),
+    (dict(beta_max=-1.0), r"beta_max must be a number in \[0.0, inf\)"),
     (dict(scope="rows"), "DependencyScale.scope must be 'batch', 'group' or an int >= 1"),
     (dict(scope=0), "DependencyScale.scope must be 'batch', 'group' or an int >= 1"),
     (dict(scope=True), "DependencyScale.scope must be 'batch', 'group' or an int >= 1"),

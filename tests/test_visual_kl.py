@@ -12,6 +12,7 @@ from mm_models import ARCHS, make_vlm, run_rows_alone
 
 import rlcredit
 from rlcredit.errors import AdapterError, RolloutError, SpecError
+from rlcredit.requirements import POLICY, AllOf, AnyOf, Field, Signal
 from rlcredit_mm import VisualKL
 from rlcredit_mm import adapters as A
 from rlcredit_mm import perturb as P
@@ -244,10 +245,10 @@ def test_scores_are_detached_even_with_grad_enabled():
 
 
 def test_requires():
-    assert VisualKL().requires == ("signal:aug_logprobs|policy", "old_logprobs|policy",
-                                   "signal:aug_logprobs|model_inputs", "old_logprobs|model_inputs")
-    assert VisualKL(estimate="exact").requires == ("policy", "model_inputs")
-    assert VisualKL(estimate="fused").requires == ("policy", "model_inputs")
+    model = AllOf(POLICY, Field("model_inputs"))
+    assert VisualKL().requires == (AnyOf(AllOf(Signal("aug_logprobs"), Field("old_logprobs")), model),)
+    assert VisualKL(estimate="exact").requires == (model,)
+    assert VisualKL(estimate="fused").requires == (model,)
 
 
 def test_strategy_reports_what_is_missing():
@@ -257,9 +258,9 @@ def test_strategy_reports_what_is_missing():
         strategy.assign(rollout(mask))
     assert "model_inputs" in str(err.value)
     k3 = rlcredit.Strategy(estimators={"visual": VisualKL()})
-    with pytest.raises(RolloutError, match="old_logprobs or a policy"):
+    with pytest.raises(RolloutError, match=r"rollout.old_logprobs\) or \(a policy and rollout.model_inputs\)"):
         k3.assign(rollout(mask, signals={"aug_logprobs": torch.zeros(2, 3)}))  # no old_logprobs, no policy
-    with pytest.raises(RolloutError, match="aug_logprobs.*or a policy"):
+    with pytest.raises(RolloutError, match=r"aug_logprobs.*or \(a policy"):
         k3.assign(rollout(mask, old_logprobs=torch.zeros(2, 3)))
 
 

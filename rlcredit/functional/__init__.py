@@ -11,9 +11,11 @@ Groups of rollouts:
     ``group_normalize`` (GRPO), ``group_center`` (Dr. GRPO), ``leave_one_out``
     (RLOO), ``overlong_penalty`` (DAPO reward shaping).
 Losses:
-    ``clipped_surrogate``, ``aggregate`` (the four modes in ``AGGREGATIONS``),
-    ``k3_kl``, ``masked_mean``, ``loss_coefficients`` (the linear form of
-    ``aggregate``).
+    ``clipped_surrogate``, ``sequence_log_ratio`` (GSPO), ``k3_kl``.
+Aggregation:
+    ``aggregate`` (the four modes in ``AGGREGATIONS``), ``loss_coefficients`` (its linear
+    form, the one place the denominators are derived), ``Totals`` and ``batch_totals`` (the
+    batch statistics it divides by), ``masked_mean``.
 Per-token quantities of the full vocabulary (chunked over rows):
     ``token_entropy``, ``selected_logprobs``, ``token_kl``, ``fused_token_kl``.
 Selection and shaping:
@@ -22,14 +24,15 @@ Selection and shaping:
 
 from rlcredit.functional._group import group_center, group_normalize, leave_one_out, overlong_penalty
 from rlcredit.functional._logits import fused_token_kl, selected_logprobs, token_entropy, token_kl
-from rlcredit.functional._loss import (
+from rlcredit.functional._aggregate import (
     AGGREGATIONS,
+    Totals,
     aggregate,
-    clipped_surrogate,
-    k3_kl,
+    batch_totals,
     loss_coefficients,
     masked_mean,
 )
+from rlcredit.functional._loss import clipped_surrogate, k3_kl, sequence_log_ratio
 from rlcredit.functional._reduce import Reducer
 from rlcredit.functional._select import SCOPES, top_fraction_mask
 from rlcredit.functional._shaping import dependency_scale
@@ -38,7 +41,9 @@ __all__ = [
     "AGGREGATIONS",
     "SCOPES",
     "Reducer",
+    "Totals",
     "aggregate",
+    "batch_totals",
     "clipped_surrogate",
     "dependency_scale",
     "fused_token_kl",
@@ -50,6 +55,7 @@ __all__ = [
     "masked_mean",
     "overlong_penalty",
     "selected_logprobs",
+    "sequence_log_ratio",
     "token_entropy",
     "token_kl",
     "top_fraction_mask",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -105,6 +105,33 @@ def check_device(fn: str, named: Sequence[tuple[str, torch.Tensor | None]]) -> N
             )
 
 
+def real_problem(
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str | None:
+    """Why ``value`` is not a finite real number in the interval, or None when it is.
+
+    The one rule for real hyper-parameters, shared by the kernels (``check_real``) and the
+    components' attrs validators (``rlcredit.validators.in_range``): a ``numbers.Real`` that is
+    not a bool (NumPy scalars included), finite, within the (half-)open or closed interval.
+    """
+    lo = "-inf" if low is None else repr(low)
+    hi = "inf" if high is None else repr(high)
+    interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + (")" if high_open or high is None else "]")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"must be a number in {interval}, got {value!r} ({type(value).__name__})"
+    if not math.isfinite(value):
+        return f"must be a finite number in {interval}, got {value!r}"
+    bad = (low is not None and (value < low or (low_open and value == low))) or (
+        high is not None and (value > high or (high_open and value == high))
+    )
+    return f"must be a number in {interval}, got {value!r}" if bad else None
+
+
 def check_real(
     fn: str,
     name: str,
@@ -115,19 +142,10 @@ def check_real(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """A finite real hyper-parameter in a (half-)open or closed interval."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise RLCreditError(f"{fn}: `{name}` must be a finite real number, got {value!r}.")
-    lo = "-inf" if low is None else repr(low)
-    hi = "inf" if high is None else repr(high)
-    interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + (
-        ")" if high_open or high is None else "]"
-    )
-    bad = (low is not None and (value < low or (low_open and value == low))) or (
-        high is not None and (value > high or (high_open and value == high))
-    )
-    if bad:
-        raise RLCreditError(f"{fn}: `{name}` must be in {interval}, got {value!r}.")
+    """A finite real hyper-parameter in a (half-)open or closed interval (see ``real_problem``)."""
+    problem = real_problem(value, low=low, high=high, low_open=low_open, high_open=high_open)
+    if problem is not None:
+        raise RLCreditError(f"{fn}: `{name}` {problem}.")
     return value
 
 
@@ -143,41 +161,18 @@ def check_choice(fn: str, name: str, value: object, choices: Sequence[object]) -
         raise RLCreditError(f"{fn}: unknown {name} {value!r}; valid values: {listed}.")
 
 
-def float_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as float32 0/1, through a ``uint8`` view.
+def ensure(ok: torch.Tensor, message: Callable[[], str], error: type[Exception] = RolloutError) -> None:
+    """Raise ``error(message())`` unless the one-element bool tensor ``ok`` holds True.
 
-    Same values as ``mask.float()``; on CPU the bool-to-float cast takes a scalar path, about 7x
-    slower than the vectorised ``uint8``-to-float one (a full pass saved on every hot call).
+    The one way value checks (finiteness, signs, index ranges) are enforced. On the CPU the
+    check is immediate and ``message`` is built only on failure. On an accelerator it is
+    ``torch._assert_async(ok)``: no host synchronisation, so ``Strategy.assign`` and
+    ``Strategy.loss`` stay asynchronous on CUDA; a failure stops the process at the next
+    synchronisation with a device-side assertion (run the same step on the CPU to read the
+    message).
     """
-    return mask.view(torch.uint8).float()
-
-
-def count(mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """``mask.sum(dim)`` as int64, without first copying the whole bool tensor to int64.
-
-    A bool sum casts its input to the int64 result type; summing into int32 (exact below 2**31
-    elements, i.e. any real batch) reads the bytes directly, about 2x faster on CPU.
-    """
-    dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
-    out = mask.sum(dtype=dtype) if dim is None else mask.sum(dim, dtype=dtype)
-    return out.long()
-
-
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def fill_outside_(x: torch.Tensor, mask: torch.Tensor, value: float = 0.0) -> torch.Tensor:
-    """In place, ``x[~mask] = value`` for a float ``x``; returns ``x``.
-
-    Same result as ``torch.where(mask, x, value, out=x)`` (NaN and inf in ``x`` included, as
-    nothing is multiplied), done on the bits: ``x & m | ~m & bits(value)`` with ``m`` all ones
-    where ``mask``. On CPU a ``where`` with a bool condition takes a scalar path, 5-10x slower.
-    """
-    itype = _INT_OF_SIZE[x.element_size()]
-    keep = mask.view(torch.uint8).to(itype).neg_()  # -1 (all bits set) where mask, else 0
-    bits = x.view(itype)
-    bits.bitwise_and_(keep)
-    fill = int(torch.tensor(value, dtype=x.dtype).view(itype))
-    if fill:
-        bits.bitwise_or_(keep.bitwise_not_().bitwise_and_(fill))
-    return x
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise error(message())
+    else:
+        torch._assert_async(ok)

@@ -17,16 +17,36 @@ __all__ = ["Reducer"]
 
 @runtime_checkable
 class Reducer(Protocol):
-    """What batch-scope kernels need from a process group (duck-typed).
+    """Collective operations over the ranks that share one logical batch (the one Reducer protocol).
 
-    ``sum``, ``max`` and ``min`` all-reduce elementwise (every rank passes a tensor of the same
-    shape and gets the reduction back); ``gather`` concatenates 1-D tensors of varying length
-    across ranks in rank order. ``rank`` (this process's index, ``0 <= rank < world_size``) is
-    only read by ``top_fraction_mask(scope="group")``, which must know where its own rows sit in
-    the gathered order to break ties across ranks.
+    Batch-scope kernels take ``reducer=None`` (this process holds the whole batch) or any object
+    with these members; ``rlcredit.distributed`` ships ``LocalReducer`` and
+    ``TorchDistributedReducer``. Every rank calls the same collectives in the same order (a rank
+    that skips one deadlocks the others). Results carry no gradient: batch statistics decide
+    credit, which is detached by design; the loss stays differentiable through the local rows.
+
+    Attributes:
+        world_size: the number of ranks R.
+        rank: this process's index in ``[0, R)``; rows gathered by ``gather`` come in rank order,
+            so a kernel that breaks ties by position (``top_fraction_mask(scope="group")``) needs
+            to know where its own rows sit.
+
+    Methods (all return new tensors, equal on every rank):
+        sum(x): elementwise sum over ranks (``x`` of the same shape on every rank; a bool ``x``
+            is counted: the result is int64).
+        max(x), min(x): elementwise max / min over ranks (bool: any / all).
+        gather(x): concatenation of 1-D tensors of possibly different lengths (0 included), in
+            rank order.
+
+    Examples:
+        >>> from rlcredit.distributed import LocalReducer
+        >>> from rlcredit.functional import Reducer
+        >>> isinstance(LocalReducer(), Reducer)
+        True
     """
 
     world_size: int
+    rank: int
 
     def sum(self, x: torch.Tensor) -> torch.Tensor: ...
 

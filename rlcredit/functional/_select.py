@@ -7,7 +7,6 @@ import math
 import numbers
 from fractions import Fraction
 
-import numpy as np
 import torch
 
 from rlcredit.errors import RLCreditError
@@ -18,8 +17,6 @@ from rlcredit.functional._checks import (
     check_int,
     check_same_shape,
     check_shape,
-    count,
-    fill_outside_,
 )
 from rlcredit.functional._reduce import Reducer, all_gather, segment_ids, world_size
 
@@ -68,7 +65,7 @@ def rank_key(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """float32 sort key: valid scores finite (NaN lowest), padding strictly below all of them."""
     fin = torch.finfo(torch.float32)
     key = torch.nan_to_num(scores.float(), nan=fin.min, posinf=fin.max, neginf=fin.min)
-    return fill_outside_(key, mask, float("-inf"))  # in place: no second [B, T] buffer
+    return torch.where(mask, key, float("-inf"))
 
 
 def quantile_linear(x: torch.Tensor, q: float, *, max_numel: int = _TORCH_QUANTILE_MAX_NUMEL) -> torch.Tensor:
@@ -175,7 +172,7 @@ def top_fraction_mask(
     key = rank_key(scores, mask)
 
     if scope == "sequence":
-        return _sequence_top(key, mask, keep_counts(count(mask, -1), p, q), p, q)
+        return _sequence_top(key, mask, keep_counts(mask.sum(-1), p, q), p, q)
 
     if scope == "batch":
         # Boolean indexing syncs once to size the valid scores, as TRL's gather does.
@@ -191,12 +188,11 @@ def top_fraction_mask(
 def _sequence_top(key: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, p: int, q: int) -> torch.Tensor:
     """Per row, the ``k_i`` largest keys, ties to the earlier token: a selection, not a sort.
 
-    A stable sort of every row costs O(T log T) and dominates VPPO's ``assign`` on CPU. Instead,
-    the ``k_i``-th largest key ``thr_i`` comes from one batched selection (O(T) per row): each
-    row is padded with ``K - k_i`` entries of ``+inf`` and ``k_i`` of ``-inf``, where
-    ``K = ceil(fraction * T) >= k_i`` is known on the host (no sync), so that ``thr_i`` is the
-    ``K``-th largest of every padded row. Keys above ``thr_i`` are kept, and of the keys equal to
-    it the earliest ``k_i - #above`` (a cumsum), which is exactly the stable sort's choice.
+    The ``k_i``-th largest key ``thr_i`` comes from one batched ``kthvalue`` (O(T) per row, no
+    sort, no host sync): each row is padded with ``K - k_i`` entries of ``+inf`` and ``k_i`` of
+    ``-inf``, where ``K = ceil(fraction * T) >= k_i`` is known on the host, so that ``thr_i`` is
+    the ``K``-th largest of every padded row. Keys above ``thr_i`` are kept, and of the keys equal
+    to it the earliest ``k_i - #above`` (a cumsum), which is exactly a stable sort's choice.
     """
     B, T = key.shape
     if T == 0:
@@ -204,36 +200,13 @@ def _sequence_top(key: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, p: int
     K = max(1, (T * p + q - 1) // q)  # ceil(p T / q) on the host: the largest possible k_i
     extra = torch.arange(K, device=key.device)[None, :] < (K - k)[:, None]
     padded = torch.cat([key, torch.where(extra, float("inf"), float("-inf"))], dim=1)
-    # The K-th largest of T + K values is the (T + 1)-th smallest.
-    thr = kth_smallest(padded, T + 1, overwrite=True)[:, None]
-    # Padding keys are -inf and valid ones finite, so `key >= thr` never keeps padding (for a
-    # row without valid tokens thr = +inf). It keeps k_i tokens unless ties at thr overflow.
-    keep = key >= thr
-    if key.device.type == "cpu" and torch.equal(count(keep, 1), k):
-        return keep  # the usual case (no surplus ties); a free check on CPU, a sync elsewhere
+    # The K-th largest of T + K values is the (T + 1)-th smallest. Padding keys are -inf and valid
+    # ones finite, so a row without valid tokens gets thr = +inf and keeps nothing.
+    thr = torch.kthvalue(padded, T + 1, dim=1).values[:, None]
     above = key > thr
     tie = key == thr
-    # int32 counts: a bool sum or cumsum into int64 first copies the whole [B, T] to int64.
-    need = (k - count(above, 1)).to(torch.int32)[:, None]
-    return above | (tie & (torch.cumsum(tie, dim=1, dtype=torch.int32) <= need))
-
-
-def kth_smallest(x: torch.Tensor, k: int, *, overwrite: bool = False) -> torch.Tensor:
-    """The ``k``-th smallest value (1-based) of each row of a ``[B, N]`` float32 tensor, ``[B]``.
-
-    On CPU through NumPy's introselect (``np.partition``), which moves values only: ``torch.kthvalue``
-    also carries an int64 index per element and is 3-5x slower there. Elsewhere ``torch.kthvalue``.
-    No NaN in ``x`` (callers rank NaN as the lowest finite value first). ``overwrite=True`` lets
-    the CPU path partition ``x`` in place (its rows are then reordered).
-    """
-    if x.device.type == "cpu":
-        a = x.detach().numpy()
-        if overwrite:
-            a.partition(k - 1, axis=1)
-        else:
-            a = np.partition(a, k - 1, axis=1)
-        return torch.from_numpy(np.ascontiguousarray(a[:, k - 1]))
-    return torch.kthvalue(x, k, dim=1).values
+    need = (k - above.sum(1))[:, None]
+    return above | (tie & (torch.cumsum(tie, dim=1) <= need))
 
 
 def _group_top(

@@ -45,15 +45,17 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor
 
-from rlcredit._components import POLICY, requirement_met, requires_of
+from rlcredit import functional as F
 from rlcredit.distributed import TorchDistributedReducer
 from rlcredit.errors import SpecError
 from rlcredit.policy import HFPolicy
-from rlcredit.registry import build
+from rlcredit.requirements import Field, Requirement, Signal, leaves
 from rlcredit.rollout import Credit, Rollout
+from rlcredit.specs import build
 from rlcredit.strategy import Strategy
 
 try:
@@ -299,13 +301,9 @@ def check_trl_args(strategy: Strategy, args: Any) -> list[str]:
     return msgs
 
 
-def _requirements(strategy: Strategy) -> list[str]:
-    parts = list(strategy.estimators.values()) + [strategy.weighter, *strategy.shapers, strategy.policy_loss]
-    return [req for part in parts for req in requires_of(part)]
-
-
-def _wants(reqs: list[str], alternative: str) -> bool:
-    return any(alternative in req.split("|") for req in reqs)
+def _reads(strategy: Strategy, target: Requirement) -> bool:
+    """Whether any of the strategy's requirements mentions ``target`` (it may read it)."""
+    return any(target in leaves(req) for req in strategy.requirements)
 
 
 class CreditGRPOTrainer(GRPOTrainer):
@@ -353,7 +351,6 @@ class CreditGRPOTrainer(GRPOTrainer):
         self.credit_strategy = strategy
         for msg in check_trl_args(strategy, self.args):
             warnings.warn(f"CreditGRPOTrainer: {msg}", UserWarning, stacklevel=2)
-        self._credit_requirements = _requirements(strategy)
         self._credit_policy: HFPolicy | None = None
         self._credit_reducer: TorchDistributedReducer | None = None
         self._credit_rewards_per_func: Tensor | None = None
@@ -417,14 +414,17 @@ class CreditGRPOTrainer(GRPOTrainer):
         generation batch for ``dapo``/``cispo``/``vespo`` (TRL's ``num_items_in_batch``, all
         processes). A scope with no kept weight keeps weight 0.
         """
+        # The ratio of the renormalised to the plain coefficients of TRL's aggregation, c_kept / c_all =
+        # w * n / sum(w): rlcredit.functional.loss_coefficients derives both denominators.
         if self.loss_type in ("grpo", "sapo"):
-            n = mask.sum(dim=1, keepdim=True).float()
-            total = weights.sum(dim=1, keepdim=True)
+            mode, totals = "seq_mean_token_mean", None
         else:
-            n = num_items.float().reshape(())
-            total = weights.sum().reshape(1)
-            total = (total if reducer is None else reducer.sum(total)).reshape(())
-        return torch.where(total > 0, weights * n / torch.where(total > 0, total, 1.0), 0.0)
+            kept = weights.sum().reshape(1)
+            kept = (kept if reducer is None else reducer.sum(kept)).reshape(())
+            mode, totals = "token_mean", F.Totals(tokens=num_items, weight=kept)
+        renormalized = F.loss_coefficients(mask, weights, mode=mode, renormalize=True, totals=totals)
+        plain = F.loss_coefficients(mask, None, mode=mode, totals=totals)
+        return torch.where(mask, renormalized / torch.where(mask, plain, 1.0), 0.0)
 
     def _credit_advantages(self, output: dict[str, Any], rewards_per_func: Tensor) -> Tensor:
         """Build the rollout, run ``strategy.assign`` once and fold weights into ``[B, T]`` advantages."""
@@ -450,11 +450,11 @@ class CreditGRPOTrainer(GRPOTrainer):
 
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
-        reqs = self._credit_requirements
+        strategy = self.credit_strategy
         old = output.get("old_per_token_logps")
         entropy = None
-        need_entropy = _wants(reqs, "signal:entropy")
-        if need_entropy or (old is None and _wants(reqs, "old_logprobs")):
+        need_entropy = _reads(strategy, Signal("entropy"))
+        if need_entropy or (old is None and _reads(strategy, Field("old_logprobs"))):
             logps, entropy = self._credit_forward(output, input_ids, attention_mask, entropy=need_entropy)
             old = logps if old is None else old
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -469,17 +469,14 @@ class CreditGRPOTrainer(GRPOTrainer):
             signals={} if entropy is None else {"entropy": torch.where(mask, entropy, 0.0)},
             model_inputs=model_inputs,
         )
-        policy = None
-        if any(not requirement_met(req, rollout, None) and POLICY in req.split("|") for req in reqs):
-            policy = self._credit_policy_handle()
+        policy = self._credit_policy_handle() if strategy.needs_policy(rollout) else None
         reducer = self._credit_reducer_handle()
-        credit = self.credit_strategy.assign(rollout, policy, reducer=reducer)
-
-        weights = credit.token_weights
-        if getattr(self.credit_strategy.policy_loss, "renormalize", False):
-            weights = self._renormalized(weights, mask, output["num_items_in_batch"], reducer)
-        advantages = credit.advantages if credit.advantages.ndim == 2 else credit.advantages.unsqueeze(1)
-        folded = weights * advantages  # exact for w >= 0; 0 on padding
+        credit = strategy.assign(rollout, policy, reducer=reducer)
+        folding = credit
+        if getattr(strategy.policy_loss, "renormalize", False):
+            folding = attrs.evolve(credit, token_weights=self._renormalized(credit.token_weights, mask,
+                                                                            output["num_items_in_batch"], reducer))
+        folded = folding.token_advantages()  # w * A, exact for w >= 0; 0 on padding
         folded = torch.where(unscorable.unsqueeze(1), 0.0, folded)
         self.last_rollout, self.last_credit = rollout, credit
         keys = list(credit.metrics)

@@ -1,9 +1,10 @@
-"""ClippedSurrogate's fused loss against the composition it replaces, and the fast CPU paths.
+"""ClippedSurrogate's one surrogate path against the composition it replaces; totals; selection.
 
 ``ClippedSurrogate`` computes its loss and gradient in a custom autograd function
-(``rlcredit.functional._loss.fused_surrogate``); the reference here is the plain autograd
-composition ``aggregate(clipped_surrogate(...)) + kl_coef * aggregate(k3) +
-entropy_penalty * aggregate(-logp)`` that it must equal in value and gradient.
+(``rlcredit.functional._loss.surrogate_loss``) for the token and the sequence (GSPO) ratio alike;
+the reference here is the plain autograd composition ``aggregate(clipped_surrogate(...)) +
+kl_coef * aggregate(k3) + entropy_penalty * aggregate(-logp)`` that it must equal in value and
+gradient. Micro-batches aggregated under the whole batch's ``Totals`` add up to the whole loss.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 
 import rlcredit
 from rlcredit import functional as F
-from rlcredit.functional import _select
-from rlcredit.functional._loss import fused_surrogate, loss_coefficients
+from rlcredit.functional import loss_coefficients
+from rlcredit.functional._loss import surrogate_loss
 from rlcredit.losses import AGGREGATIONS, ClippedSurrogate
 from tests.strategies import right_padded_mask, rollout_tensors
 
@@ -92,7 +93,6 @@ def test_clipped_surrogate_equals_the_unfused_composition(data, mode, renormaliz
     out = loss_fn(lp, rollout, credit)
     lp_ref = lp0.clone().requires_grad_(True)
     ref, ref_pg, ref_neg, ref_clipped = _reference(lp_ref, rollout, credit, loss_fn)
-    assert not credit._zero_padding
 
     torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.metrics["pg_loss"], ref_pg.detach(), atol=1e-5, rtol=1e-5)
@@ -119,31 +119,29 @@ def test_a_nan_log_prob_on_a_valid_token_gives_a_nan_loss():
     assert torch.isnan(out.loss)  # the NaN at [1, 2] is padding; the one at [0, 1] is not
 
 
-def test_fused_gradient_golden_and_no_grad_call():
+def test_surrogate_gradient_golden_and_no_grad_call():
     mask = right_padded_mask([2, 2], 2)
     m = mask.float()
     old = torch.zeros(2, 2)
     lp = torch.log(torch.tensor([[1.1, 1.5], [0.5, 5.0]]))
     adv = torch.tensor([2.0, -1.0])
-    scale = torch.tensor(0.25)  # token_mean over 4 tokens
+    c = m / 4  # token_mean over 4 tokens
+    kw = dict(clip_low=0.2, clip_high=0.2, dual_clip=3.0, entropy_penalty=2.0, entropy_coefficients=c)
     x = lp.clone().requires_grad_(True)
-    loss, pg, neg_logp, active = fused_surrogate(x, old, adv, m, scale, mask, m, clip_low=0.2, clip_high=0.2,
-                                                 dual_clip=3.0, entropy_penalty=2.0, entropy_scale=scale)
+    loss, pg, neg_logp, active = surrogate_loss(x, lp - old, adv, c, mask, **kw)
     # A = 2: rho 1.1 kept (-2.2), 1.5 clipped at 1.2 (-2.4); A = -1: rho 0.5 clipped at 0.8 (0.8), 5 dual-capped (3).
     torch.testing.assert_close(pg, torch.tensor((-2.2 - 2.4 + 0.8 + 3.0) / 4))
     torch.testing.assert_close(neg_logp, -lp.sum() / 4)
     torch.testing.assert_close(loss, pg + 2.0 * neg_logp)
-    assert torch.equal(active, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(active, torch.tensor([[True, False], [False, False]]))
     assert not pg.requires_grad and not neg_logp.requires_grad and loss.requires_grad
     loss.backward()
     torch.testing.assert_close(x.grad, torch.tensor([[-2.2 / 4, 0.0], [0.0, 0.0]]) - 2.0 * m / 4)
     with torch.no_grad():  # no graph: the gradient buffer is never built, same value
-        loss2, _, _, _ = fused_surrogate(lp, old, adv, m, scale, mask, m, clip_low=0.2, clip_high=0.2,
-                                         dual_clip=3.0, entropy_penalty=2.0, entropy_scale=scale)
+        loss2, _, _, _ = surrogate_loss(lp, lp - old, adv, c, mask, **kw)
     torch.testing.assert_close(loss2, loss.detach())
     z = lp.clone().requires_grad_(True)  # retain_graph, twice, and a scaled loss: the saved gradient is reused intact
-    out, _, _, _ = fused_surrogate(z, old, adv, m, scale, mask, m, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
-                                   entropy_penalty=2.0, entropy_scale=scale)
+    out, _, _, _ = surrogate_loss(z, lp - old, adv, c, mask, **kw)
     (g1,) = torch.autograd.grad(out, z, retain_graph=True)
     (g2,) = torch.autograd.grad(out, z, retain_graph=True)
     (g3,) = torch.autograd.grad(-0.5 * out, z, retain_graph=True)
@@ -153,9 +151,38 @@ def test_fused_gradient_golden_and_no_grad_call():
         torch.testing.assert_close(g, x.grad)
     with pytest.raises(RuntimeError):  # differentiable once: a second derivative raises, not a silent 0
         y = lp.clone().requires_grad_(True)
-        out, _, _, _ = fused_surrogate(y, old, adv, m, scale, mask, m, clip_low=0.2, clip_high=0.2)
+        out, _, _, _ = surrogate_loss(y, lp - old, adv, c, mask, clip_low=0.2, clip_high=0.2)
         (g,) = torch.autograd.grad(out, y, create_graph=True)
         g.sum().backward()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=rollout_tensors(max_B=8, max_T=6), preset=st.sampled_from(["grpo", "dr_grpo", "vppo", "stapo", "gspo"]),
+       mode=st.sampled_from(AGGREGATIONS), cut=st.integers(1, 7))
+def test_micro_batches_under_the_batch_totals_add_up_to_the_batch_loss(data, preset, mode, cut):
+    mask = data["response_mask"]
+    B, T = mask.shape
+    g = torch.Generator().manual_seed(B * 13 + T)
+    signals = {"entropy": 2 * torch.rand(B, T, generator=g), "aug_logprobs": data["old_logprobs"] - 0.5 * torch.rand(B, T, generator=g)}
+    r = rlcredit.Rollout(mask, data["rewards"], data["group_ids"], old_logprobs=data["old_logprobs"], signals=signals)
+    renormalize = preset == "stapo" and mode in ("token_mean", "seq_mean_token_mean")
+    loss_spec = {"name": "gspo" if preset == "gspo" else "clipped_surrogate", "aggregation": mode,
+                 "renormalize": renormalize, "entropy_penalty": 0.06 if preset == "vppo" else 0.0}
+    s = rlcredit.build("grpo" if preset == "gspo" else preset, policy_loss=loss_spec)
+    credit = s.assign(r)
+    lp = data["logprobs"].clone().requires_grad_(True)
+    whole = s.loss(lp, r, credit).loss
+    (whole_grad,) = torch.autograd.grad(whole, lp)
+    totals = s.policy_loss.totals(r, credit)
+    lp2 = data["logprobs"].clone().requires_grad_(True)
+    parts = []
+    for rows in (torch.arange(0, min(cut, B)), torch.arange(min(cut, B), B)):
+        if rows.numel():
+            parts.append(s.loss(lp2[rows], r.select(rows), credit.select(rows), totals=totals).loss)
+    total = sum(parts)
+    total.backward()
+    torch.testing.assert_close(total, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp2.grad, whole_grad, atol=1e-6, rtol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)
@@ -173,18 +200,7 @@ def test_loss_coefficients_are_the_linear_form_of_aggregate(data, mode, weighted
                                atol=1e-5, rtol=1e-5)
 
 
-# ------------------------------------------------------------------------ fast CPU selection paths
-
-
-@settings(max_examples=60, deadline=None)
-@given(data=rollout_tensors(max_B=6, max_T=9), k=st.integers(1, 12))
-def test_numpy_selection_equals_torch_kthvalue(data, k):
-    x = data["scores"] - data["logprobs"]  # ties, zeros and negatives
-    x = torch.cat([x, torch.full((x.shape[0], 3), float("inf")), torch.full((x.shape[0], 3), float("-inf"))], 1)
-    k = min(k, x.shape[1])
-    expect = torch.kthvalue(x, k, dim=1).values
-    assert torch.equal(_select.kth_smallest(x, k), expect)
-    assert torch.equal(_select.kth_smallest(x.clone(), k, overwrite=True), expect)
+# ------------------------------------------------------------------------ selection
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -203,32 +219,6 @@ def test_sequence_top_fast_path_and_tie_path_agree_with_a_stable_sort(tied):
         assert torch.equal(keep[i], expect), (i, scores[i], keep[i])
 
 
-def test_k3_kl_without_graph_equals_the_differentiable_path():
-    g = torch.Generator().manual_seed(0)
-    lp, ref = -3 * torch.rand(4, 6, generator=g), -3 * torch.rand(4, 6, generator=g)
-    mask = right_padded_mask([6, 3, 0, 1], 6)
-    with_grad = F.k3_kl(lp.clone().requires_grad_(True), ref, mask)
-    with torch.no_grad():
-        without = F.k3_kl(lp, ref, mask)
-    assert torch.equal(with_grad.detach(), without)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("value", [0.0, float("-inf"), 2.5])
-def test_fill_outside_equals_where_with_nan_and_inf(dtype, value):
-    from rlcredit.functional._checks import fill_outside_
-
-    x = torch.tensor([[1.0, float("nan"), -0.0, float("inf")], [float("-inf"), 3.0, float("nan"), -2.0]], dtype=dtype)
-    mask = torch.tensor([[True, False, True, False], [False, True, True, False]])
-    expect = torch.where(mask, x, torch.tensor(value, dtype=dtype))
-    out = fill_outside_(x.clone(), mask, value)
-    assert torch.equal(out.isnan(), expect.isnan())
-    assert torch.equal(out.nan_to_num(), expect.nan_to_num())
-    strided = x.clone().t()  # a non-contiguous view is filled in place too
-    fill_outside_(strided, mask.t(), value)
-    assert torch.equal(strided.t().nan_to_num(), expect.nan_to_num())
-
-
 def test_sequence_top_ranks_float64_scores_by_their_float32_keys():
     # 1 - 1e-11 and 1 are one float32 value: a tie, which goes to the earlier token.
     scores = torch.tensor([[1.0 - 1e-11, 1.0, 0.0]], dtype=torch.float64)
@@ -241,13 +231,13 @@ def test_sequence_top_ranks_float64_scores_by_their_float32_keys():
     assert F.top_fraction_mask(scores, mask, 0.75).tolist() == [[True, True, False, True, False]]
 
 
-def test_credit_from_assign_is_known_zero_on_padding_and_keeps_it_through_select():
+def test_the_loss_masks_hand_made_weights_on_padding():
     mask = right_padded_mask([3, 1], 3)
     r = rlcredit.Rollout(mask, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), old_logprobs=torch.zeros(2, 3))
     credit = rlcredit.build("grpo").assign(r)
-    assert credit._zero_padding and credit.select([1])._zero_padding
-    assert not rlcredit.Credit({}, torch.ones(2, 3), torch.zeros(2))._zero_padding
+    assert (credit.token_weights[~mask] == 0).all()
     lp = torch.full((2, 3), -0.1, requires_grad=True)
-    trusted = ClippedSurrogate()(lp, r, credit).loss
-    by_hand = ClippedSurrogate()(lp, r, rlcredit.Credit({}, torch.ones(2, 3), credit.advantages)).loss
-    torch.testing.assert_close(trusted, by_hand)  # the hand-made Credit's padding weights are ignored
+    from_assign = ClippedSurrogate()(lp, r, credit)
+    by_hand = ClippedSurrogate()(lp, r, rlcredit.Credit({}, torch.ones(2, 3), credit.advantages))
+    torch.testing.assert_close(from_assign.loss, by_hand.loss)  # the hand-made Credit's padding weights are ignored
+    assert float(by_hand.metrics["kept_fraction"]) == 1.0  # not 6 / 4: padding weight is not "kept"

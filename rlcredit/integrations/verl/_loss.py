@@ -1,0 +1,220 @@
+"""The verl policy loss ``"rlcredit"`` and verl-style aggregation with verl's global batch statistics."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlcredit import functional as F
+from rlcredit.errors import SpecError
+from rlcredit.functional import Totals
+from rlcredit.integrations.verl._strategy import _VERL_MODES, AGG_MODES, _get, resolve_strategy
+from rlcredit.rollout import Credit, Rollout
+from rlcredit.strategy import Strategy
+
+__all__ = ["aggregate", "compute_policy_loss", "verl_totals"]
+
+
+def verl_totals(aggregation: str, mask: Tensor, *, dp_size: Any = 1, batch_num_tokens: Any = None,
+                global_batch_size: Any = None, loss_scale_factor: Any = None, max_length: int | None = None) -> Totals:
+    """verl's global batch info as the ``rlcredit.functional.Totals`` an aggregation divides by.
+
+    verl's ``agg_loss`` divides each micro-batch's sum by the global mini-batch's statistics and
+    multiplies by ``dp_size``, so that the gradients summed over micro-batches and averaged over
+    ranks equal the loss of one process holding the whole mini-batch: ``tokens =
+    batch_num_tokens``, ``rows = global_batch_size``, ``world = dp_size``. Without them (one
+    rank) verl counts this micro-batch's valid tokens, and for the ``seq-*`` modes only its rows
+    that have a valid token. ``length``: the loss's own ``max_length``, else verl's
+    ``loss_scale_factor``, else the padded ``T``.
+
+    Raises:
+        SpecError: ``dp_size > 1`` without the global statistic the mode needs.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.integrations.verl import verl_totals
+        >>> mask = torch.tensor([[True, True], [False, False]])
+        >>> verl_totals("seq_mean_token_mean", mask).rows  # the row without a valid token is not counted
+        tensor(1)
+        >>> verl_totals("token_mean", mask, dp_size=4, batch_num_tokens=64)
+        Totals(tokens=64, weight=None, rows=None, length=None, world=4)
+    """
+    dp = int(dp_size or 1)
+    tokens = rows = length = None
+    if aggregation == "token_mean":
+        tokens = batch_num_tokens
+        if tokens is None:
+            if dp > 1:
+                raise SpecError("verl passes dp_size > 1 without batch_num_tokens; token-mean needs the global count.")
+            tokens = mask.sum()
+    else:
+        rows = global_batch_size
+        if rows is None:
+            if dp > 1:
+                raise SpecError("verl passes dp_size > 1 without global_batch_size; seq-mean modes need it.")
+            rows = mask.any(dim=-1).sum()
+        if aggregation == "seq_mean_token_sum_norm":
+            length = max_length or loss_scale_factor or mask.shape[1]
+    return Totals(tokens=tokens, rows=rows, length=length, world=dp)
+
+
+def aggregate(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, *, dp_size: int = 1,
+              batch_num_tokens: int | None = None, global_batch_size: int | None = None,
+              loss_scale_factor: int | None = None) -> Tensor:
+    """rlcredit's aggregation with verl's names and global batch statistics (verl's ``agg_loss`` contract).
+
+    ``rlcredit.functional.aggregate`` on this micro-batch with verl's global denominators
+    (``verl_totals``: ``token_mean``: ``sum x / batch_num_tokens * dp_size``; ``seq_*``:
+    ``sum_i s_i / global_batch_size * dp_size``; ``seq-mean-token-sum-norm`` further divides by
+    ``loss_scale_factor``, or the padded ``T``). The policy loss ``"rlcredit"`` divides the same way.
+
+    Args:
+        loss_mat: ``[B, T]`` per-token losses.
+        loss_mask: ``[B, T]`` bool or 0/1 mask of valid tokens.
+        loss_agg_mode: ``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"`` or
+            ``"seq-mean-token-sum-norm"``.
+        dp_size: data-parallel ranks.
+        batch_num_tokens: valid tokens of the global mini-batch (required when ``dp_size > 1``).
+        global_batch_size: rows of the global mini-batch (required when ``dp_size > 1``).
+        loss_scale_factor: Dr. GRPO's ``L`` (None: padded ``T``).
+
+    Returns:
+        A float32 scalar.
+
+    Raises:
+        SpecError: unknown mode (verl's ``token-sum`` included) or missing global statistics.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.integrations.verl import aggregate
+        >>> x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+        >>> m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+        >>> aggregate(x, m, "token-mean"), aggregate(x, m, "token-mean", dp_size=2, batch_num_tokens=8)
+        (tensor(2.5000), tensor(2.5000))
+    """
+    if loss_agg_mode not in AGG_MODES:
+        raise SpecError(
+            f"unsupported loss_agg_mode {loss_agg_mode!r}; rlcredit aggregates with "
+            f"{', '.join(map(repr, AGG_MODES))}."
+        )
+    mode = AGG_MODES[loss_agg_mode]
+    mask = loss_mask.bool()
+    totals = verl_totals(mode, mask, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                         global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
+    return F.aggregate(loss_mat, mask, mode=mode, totals=totals)
+
+
+# --- the policy loss -----------------------------------------------------------------------------
+
+
+def _global_info(config: Any) -> dict[str, Any]:
+    info = _get(config, "global_batch_info")
+    return dict(info) if isinstance(info, Mapping) else {}
+
+
+def _check_loss(strategy: Strategy) -> Any:
+    loss = strategy.policy_loss
+    if getattr(loss, "aggregation", None) not in _VERL_MODES:
+        raise SpecError(
+            f"the verl policy loss 'rlcredit' needs a policy loss with an `aggregation` field (clipped_surrogate); "
+            f"got {type(loss).__name__}."
+        )
+    if getattr(loss, "kl_coef", 0.0):
+        raise SpecError(
+            "verl does not pass reference log-probs to policy losses; set the strategy's kl_coef=0 and use verl's "
+            "actor.use_kl_loss=True / actor.kl_loss_coef for the KL term."
+        )
+    if getattr(loss, "renormalize", False):
+        raise SpecError(
+            "verl's global batch statistics count valid tokens, not kept weight; renormalize=True is not supported "
+            "by the 'rlcredit' verl loss. Set renormalize=False."
+        )
+    return loss
+
+
+def compute_policy_loss(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """verl policy loss ``"rlcredit"``: the strategy's ``policy_loss`` with verl's global denominators.
+
+    With the strategy's clipped surrogate (Schulman et al. 2017; clip-higher, dual clip, VPPO's
+    entropy penalty as configured in the rlcredit spec) and token weights ``w`` = verl's
+    rollout-correction weights (1 without them)::
+
+        loss = aggregate(w * l(logp, old_logp, A), mask, mode, totals=verl_totals(...))
+
+    where ``A`` is verl's ``[B, T]`` advantages (credit already folded by the ``"rlcredit"``
+    estimator or ``apply_credit``), ``mode`` the strategy's aggregation and the denominators
+    verl's global batch statistics (``verl_totals``). verl's ``loss_agg_mode`` is not used (a differing one warns: verl
+    aggregates its entropy and KL terms with it).
+
+    Args:
+        old_log_prob: ``[B, T]`` behaviour log-probs.
+        log_prob: ``[B, T]`` current log-probs (with grad).
+        advantages: ``[B, T]`` advantages.
+        response_mask: ``[B, T]`` bool or 0/1.
+        loss_agg_mode: verl's aggregation name (compared with the strategy's).
+        config: verl's actor config (``global_batch_info``, optional ``rlcredit_strategy``).
+        rollout_is_weights: ``[B, T]`` rollout-correction weights or None.
+
+    Returns:
+        ``(loss, metrics)``: a scalar and detached scalar tensors ``actor/pg_clipfrac``,
+        ``actor/ppo_kl``, ``rlcredit/pg_loss``, ``rlcredit/kept_fraction`` (and
+        ``rlcredit/neg_logprob`` with an entropy penalty).
+
+    Raises:
+        SpecError: no strategy, ``kl_coef > 0``, ``renormalize=True`` or a loss without aggregation.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.integrations.verl import compute_policy_loss
+        >>> mask = torch.ones(1, 2, dtype=torch.bool)
+        >>> loss, metrics = compute_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), mask,
+        ...                                     config={"rlcredit_strategy": "grpo"})
+        >>> loss
+        tensor(-1.)
+    """
+    strategy = resolve_strategy(config)
+    loss_cfg = _check_loss(strategy)
+    aggregation = loss_cfg.aggregation
+    if loss_agg_mode != _VERL_MODES[aggregation]:
+        warnings.warn(
+            f"rlcredit: the strategy aggregates with {aggregation!r} (verl {_VERL_MODES[aggregation]!r}) but the "
+            f"actor's loss_agg_mode is {loss_agg_mode!r}; the policy loss follows the strategy, verl's entropy/KL "
+            f"terms follow loss_agg_mode. Set actor.loss_agg_mode={_VERL_MODES[aggregation]} to match.",
+            UserWarning, stacklevel=2,
+        )
+    mask = response_mask.bool()
+    zero = torch.zeros((), device=mask.device)
+    rollout = Rollout(
+        response_mask=mask,
+        rewards=torch.zeros(mask.shape[0], device=mask.device),
+        group_ids=torch.arange(mask.shape[0], device=mask.device),
+        old_logprobs=torch.where(mask, old_log_prob.detach().float(), zero),
+    )
+    weights = mask.float() if rollout_is_weights is None else torch.where(mask, rollout_is_weights.detach().float(), zero)
+    credit = Credit(scores={}, token_weights=weights, advantages=torch.where(mask, advantages.detach().float(), zero))
+    logp = torch.where(mask, log_prob, torch.zeros((), dtype=log_prob.dtype, device=log_prob.device))
+    info = _global_info(config)
+    totals = verl_totals(aggregation, mask, dp_size=info.get("dp_size", 1), batch_num_tokens=info.get("batch_num_tokens"),
+                         global_batch_size=info.get("global_batch_size"), loss_scale_factor=info.get("loss_scale_factor"),
+                         max_length=getattr(loss_cfg, "max_length", None))
+    out = strategy.loss(logp, rollout, credit, totals=totals)
+    loss = out.loss
+    with torch.no_grad():
+        ppo_kl = F.masked_mean((old_log_prob.float() - log_prob.detach().float()).reshape(1, -1), mask.reshape(1, -1))[0]
+    metrics = {"actor/pg_clipfrac": out.metrics.get("clip_fraction", zero), "actor/ppo_kl": ppo_kl}
+    metrics.update({f"rlcredit/{k}": v.detach() for k, v in out.metrics.items() if k != "clip_fraction"})
+    return loss, metrics
+
+
