@@ -1,12 +1,8 @@
-"""Policy losses: the only part of rlcredit that builds a graph (through ``logprobs``).
-
-A loss is called per (mini/micro-)batch as ``loss(logprobs [B, T], rollout, credit, *, reducer=None)``
-and returns a ``rlcredit.LossOutput``.
-"""
+"""The clipped surrogate family: ``clipped_surrogate`` (token or sequence ratio) and ``gspo``."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import attrs
 import torch
@@ -21,45 +17,10 @@ from rlcredit.requirements import Field, Requirement
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
 from rlcredit.validators import in_range, int_at_least, is_bool, one_of
 
-__all__ = ["PolicyLoss", "ClippedSurrogate", "GSPO", "AGGREGATIONS", "RATIOS"]
+__all__ = ["ClippedSurrogate", "GSPO", "RATIOS", "check_credit", "check_logprobs"]
 
 RATIOS = ("token", "sequence")
 """The importance ratios of ``ClippedSurrogate``: per token (PPO/GRPO) or per sequence (GSPO)."""
-
-
-@runtime_checkable
-class PolicyLoss(Protocol):
-    """Per-token log-probs, the rollout and its credit to a scalar loss.
-
-    Attributes:
-        requires: a tuple of ``rlcredit.requirements`` values (e.g. ``Field("ref_logprobs")``
-            when a KL term is on).
-
-    Call:
-        ``(logprobs [B, T], rollout, credit, *, reducer=None, totals=None) -> LossOutput``.
-        ``totals`` (an ``rlcredit.functional.Totals``) is passed only when the caller has the
-        statistics of a batch larger than these rows (gradient accumulation, verl's global batch
-        info); a loss that aggregates should divide by them.
-
-    Examples:
-        >>> import attrs, torch, rlcredit
-        >>> @attrs.frozen
-        ... class Reinforce:  # -mean(w * A * logp) over valid tokens
-        ...     requires = ()
-        ...     def __call__(self, logprobs, rollout, credit, *, reducer=None):
-        ...         m = rollout.response_mask
-        ...         x = credit.token_weights * credit.advantages[:, None] * logprobs
-        ...         return rlcredit.LossOutput(-(x * m).sum() / m.sum())
-        >>> r = rlcredit.Rollout(torch.ones(2, 1, dtype=torch.bool), torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
-        >>> s = rlcredit.Strategy(policy_loss=Reinforce())
-        >>> round(s.loss(torch.tensor([[-1.0], [-2.0]]), r, s.assign(r)).loss.item(), 4)
-        -0.3536
-    """
-
-    requires: tuple[Requirement, ...]
-
-    def __call__(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
-                 reducer: Reducer | None = None) -> LossOutput: ...
 
 
 def check_credit(rollout: Rollout, credit: Credit, who: str) -> None:
