@@ -1,5 +1,9 @@
 // MathJax configuration for pymdownx.arithmatex (generic mode): arithmatex wraps maths in
 // \( \) / \[ \] inside elements of class "arithmatex"; typeset only those.
+// The bundle that reads this is vendored (javascripts/vendor/mathjax/tex-svg.js): it holds the TeX
+// input with the base and AMS macros and the SVG output with its glyphs, so it loads nothing else.
+// The context menu is off: its accessibility explorer is the one part that would fetch code (from a
+// CDN), and the site must work offline.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
@@ -7,9 +11,13 @@ window.MathJax = {
     processEscapes: true,
     processEnvironments: true
   },
+  svg: {
+    fontCache: "global"
+  },
   options: {
     ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex"
+    processHtmlClass: "arithmatex",
+    enableMenu: false
   }
 };
 
