@@ -33,6 +33,10 @@ The transformers 5 traps they handle:
 - Idefics3 / SmolVLM treat an all-zero image as padding: perturbations run in the processor's
   normalised space, where black is ``(0 - mean) / std``, not 0, and a real image that a
   perturbation leaves exactly zero gets one pixel nudged so it is not dropped.
+
+Modules: ``base`` (the protocol, shared behaviour, ``adapter_for``), ``stacked`` (LLaVA, Gemma 3),
+``idefics3`` (Idefics3, SmolVLM), ``qwen`` (Qwen2-VL, Qwen2.5-VL); every name is importable from
+``rlcredit_mm.adapters``.
 """
 
 from rlcredit_mm.adapters.base import (

@@ -6,7 +6,12 @@ and the summary), ``results.md`` (the table and verdict), ``curves.png`` (learni
 responses) and ``model/`` (the trained VPPO policy of seed 0 with its tokenizer and image
 processor, for ``rlcredit inspect``) with ``sample.png``. Everything is written into a temporary
 sibling folder first and renamed into place at the end, so a failed or interrupted run leaves
-nothing half-written.
+nothing half-written; folders and files get the usual permissions (``0777`` / ``0666`` minus the
+umask).
+
+``run_demo`` is ``check_presets`` (labels, everything built up front), ``prepare_output``,
+``train`` (the records and seed-0 policies), ``write_results`` (the files) and ``print_report``
+(the table on stdout).
 """
 
 from __future__ import annotations

@@ -19,14 +19,18 @@ Command line (``rlcredit inspect``)::
 
 ``DIR`` is a ``save_pretrained`` folder of a supported VLM with its processor files; nothing is
 downloaded (``HF_HUB_OFFLINE=1`` is set).
+
+Modules: ``scores`` (``token_scores``), ``render`` (``TokenHeatmap``, HTML and PNG), ``inputs``
+(loading a model folder, building inputs), ``command`` (``run_inspect``); every name is importable
+from ``rlcredit_mm.inspect``.
 """
 
 from rlcredit_mm.inspect.scores import SCORE_NAMES, token_scores
 from rlcredit_mm.inspect.render import TokenHeatmap, heatmap_html, heatmap_png
 from rlcredit_mm.inspect.inputs import InspectInputs, build_inputs, display_tokens, load_vlm
-from rlcredit_mm.inspect.command import main, run_inspect
+from rlcredit_mm.inspect.command import run_inspect
 
 __all__ = [
     "SCORE_NAMES", "TokenHeatmap", "InspectInputs", "token_scores", "heatmap_html", "heatmap_png",
-    "load_vlm", "build_inputs", "display_tokens", "run_inspect", "main",
+    "load_vlm", "build_inputs", "display_tokens", "run_inspect",
 ]

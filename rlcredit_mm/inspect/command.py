@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import rlcredit
-from rlcredit.errors import RLCreditError, SpecError
+from rlcredit.errors import SpecError
 from rlcredit_mm._files import write_atomic
 from rlcredit_mm.inspect.inputs import build_inputs, load_vlm
 from rlcredit_mm.inspect.render import TokenHeatmap, heatmap_html, heatmap_png
 from rlcredit_mm.inspect.scores import token_scores
 
-__all__ = ["run_inspect", "main"]
+__all__ = ["run_inspect"]
 
 
 def _open_image(path: str | os.PathLike) -> Any:
@@ -99,25 +98,3 @@ def run_inspect(model_dir: str | os.PathLike, image: str | os.PathLike, prompt: 
         write_atomic(png_path, lambda tmp: heatmap_png([heat], tmp, title="rlcredit inspect"))
         written.append(png_path)
     return written
-
-
-def main(args: Any) -> int:
-    """Entry point of ``rlcredit inspect`` (``args`` from ``rlcredit_mm.cli``); returns the exit code.
-
-    0: written; 2: bad input (the message goes to stderr, nothing is written).
-
-    Examples:
-        >>> from rlcredit_mm.cli import build_parser
-        >>> main(build_parser().parse_args(["inspect", "--model", "no/such/folder", "--image", "x.png",
-        ...                                 "--prompt", "q", "--response", "r"]))
-        2
-    """
-    try:
-        paths = run_inspect(args.model, args.image, args.prompt, args.response, out=args.out, png=args.png,
-                            perturbation=args.perturbation)
-    except RLCreditError as err:
-        print(f"rlcredit inspect: error: {err}", file=sys.stderr)
-        return 2
-    for p in paths:
-        print(f"wrote {p}")
-    return 0
