@@ -331,6 +331,15 @@ def test_presets_whose_labels_clash_exit_2_naming_both(tmp_path, capsys):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def test_a_missing_multimodal_extra_exits_2_with_the_install_command(tmp_path, capsys, monkeypatch):
+    for name in ("tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, name, None)  # `from tqdm.auto import tqdm` raises ModuleNotFoundError
+    assert cli_main(["demo", "--quick", "--presets", "grpo", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlcredit demo: error: needs the multimodal extra") and "pip install 'rlcredit[mm]'" in err
+    assert not (tmp_path / "demo").exists() and _leftovers(tmp_path) == []
+
+
 def test_unusable_output_folders_exit_2_and_are_left_alone(tmp_path, capsys):
     a_file = tmp_path / "file.txt"
     a_file.write_text("keep me")
