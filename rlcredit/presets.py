@@ -185,3 +185,46 @@ def stapo() -> Strategy:
         shapers=[GroupNormalize()],
         policy_loss=ClippedSurrogate(renormalize=True),
     )
+
+
+# --- VPPO exactly as released (issue 15) -----------------------------------------------------------
+
+__all__ += ["vppo_released"]
+
+
+@register("strategy", "vppo_released")
+def vppo_released() -> Strategy:
+    """VPPO exactly as its released code computes it (huaixuheqing/VPPO-RL @ a23c54b), score ``"visual"``.
+
+    The same recipe as ``vppo`` with the released code's numerics and scopes, given the rows of
+    one device in its mini-batch order (``verl/workers/actor/dp_actor.py`` ``update_policy``):
+
+    - ``visual_kl(estimate="k3", k3_form="exp", stage="image")``: ``S = clamp(exp(d) - d - 1, 0,
+      10)`` in float32, ``I'`` blackened on the raw image before the image processor (with a
+      policy; ``signals["aug_logprobs"]`` needs none).
+    - ``top_fraction(0.4, count="float32")``: ``k_i = ceil(float32(T_i) * 0.4)``, ties to the
+      earlier token (the released unstable sort has no reproducible order).
+    - ``group_normalize``, then ``dependency_scale(beta_min=0.9, scope=128, mean_scope=16,
+      mean_eps=1e-8)``: min/max over 128-row mini-batches, means over 16-row micro-batches,
+      ``(1 - beta_min) / (mu + 1e-8)`` (``mu = 0`` gives ``alpha = beta_min``).
+    - Loss: clip 0.2/0.28, dual clip 3.0, ``token_mean`` over all valid tokens, ``+ 0.06 *
+      mean(-logp)``; compute it per 128-row mini-batch as the released optimizer step does.
+
+    ``vppo`` is the GPU-count-independent form (batch-wide statistics across ranks); the
+    differences and their sizes are in docs/methods/vppo.md.
+
+    Examples:
+        >>> import rlcredit
+        >>> s = rlcredit.build("vppo_released")
+        >>> s.shapers[1].scope, s.shapers[1].mean_scope, s.shapers[1].mean_eps, s.weighter.count
+        (128, 16, 1e-08, 'float32')
+    """
+    estimator = build_component("estimator", {"name": "visual_kl", "estimate": "k3", "k3_form": "exp",
+                                              "stage": "image"})
+    return Strategy(
+        estimators={"visual": estimator},
+        weighter=TopFraction(0.4, scope="sequence", score="visual", count="float32"),
+        shapers=[GroupNormalize(), DependencyScale(score="visual", beta_min=0.9, scope=128, mean_scope=16,
+                                                   mean_eps=1e-8)],
+        policy_loss=_dapo_loss(dual_clip=3.0, entropy_penalty=0.06),
+    )

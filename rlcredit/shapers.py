@@ -178,6 +178,9 @@ class DependencyScale:
       ``mean_scope``; ``alpha >= beta_min``, mean 1 over each mean scope, unbounded above.
     - ``beta_max`` a float (the paper's bounded form, ``vppo_paper``):
       ``alpha_i = beta_min + n_i (beta_max - beta_min)`` in ``[beta_min, beta_max]``.
+    - ``mean_eps`` a float (code form only; ``vppo_released``: 1e-8): divide by ``mu + mean_eps``
+      in the released code's order of operations, so ``mu = 0`` gives ``alpha = beta_min``
+      instead of 1 (see ``rlcredit.functional.dependency_scale``).
 
     ``alpha = 1`` for responses without valid tokens (left out of the statistics) and for every
     row of a scope with at most one valid response or ``max - min <= 1e-6``. ``alpha >= 0``
@@ -192,6 +195,8 @@ class DependencyScale:
         scope: min/max scope: ``"batch"`` (across ranks), ``"group"`` or an int chunk of rows
             (the released code: 128).
         mean_scope: scope of ``mu`` (code form only; None: ``scope``; the released code: 16).
+        mean_eps: None (exact division; ``alpha = 1`` where ``mu = 0``) or ``> 0`` (the released
+            code: 1e-8); code form only.
 
     Returns:
         Advantages of the input's shape (``[B]`` or ``[B, T]``), float32.
@@ -211,6 +216,8 @@ class DependencyScale:
     beta_max: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(0.0)))
     scope: str | int = attrs.field(default="batch", validator=_shaping_scope)
     mean_scope: str | int | None = attrs.field(default=None, validator=_shaping_scope)
+    mean_eps: float | None = attrs.field(default=None,
+                                         validator=attrs.validators.optional(in_range(0.0, lo_open=True)))
 
     def __attrs_post_init__(self) -> None:
         if self.beta_max is None and self.beta_min > 1:
@@ -228,6 +235,16 @@ class DependencyScale:
                 "DependencyScale.mean_scope only applies to the mean-preserving form (beta_max=None); the bounded "
                 f"form (beta_max={self.beta_max!r}) has no mean. Drop mean_scope or set beta_max=None."
             )
+        if isinstance(self.scope, int) and isinstance(self.mean_scope, int) and self.scope % self.mean_scope:
+            raise SpecError(
+                f"DependencyScale.mean_scope ({self.mean_scope}) must divide scope ({self.scope}) when both are row "
+                f"chunks (micro-batches inside mini-batches), or a mean chunk would straddle two min/max chunks."
+            )
+        if self.beta_max is not None and self.mean_eps is not None:
+            raise SpecError(
+                "DependencyScale.mean_eps only applies to the mean-preserving form (beta_max=None); the bounded "
+                f"form (beta_max={self.beta_max!r}) divides by no mean. Drop mean_eps or set beta_max=None."
+            )
 
     @property
     def requires(self) -> tuple[Requirement, ...]:
@@ -243,7 +260,7 @@ class DependencyScale:
         alpha = F.dependency_scale(
             mean, n > 0,
             beta_min=self.beta_min, beta_max=self.beta_max, scope=self.scope, mean_scope=self.mean_scope,
-            group_ids=rollout.group_ids, reducer=reducer,
+            group_ids=rollout.group_ids, reducer=reducer, mean_eps=self.mean_eps,
         )
         if advantages.ndim == 2:
             alpha = alpha[:, None]

@@ -24,6 +24,7 @@ from rlcredit import functional as F
 from rlcredit._outputs import per_token
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import Reducer
+from rlcredit.functional._select import COUNTS
 from rlcredit.functional._stapo import spurious_token_mask
 from rlcredit.registry import register
 from rlcredit.requirements import Field, Requirement, Score, requirements_of
@@ -150,7 +151,9 @@ class TopFraction:
 
     - ``scope="sequence"``: VPPO's Token-level Gradient Filtering (arXiv 2510.09285) keeps exactly
       ``k_i = ceil(fraction * T_i)`` tokens of each response (exact rational ceil; at least one when
-      ``T_i >= 1``), ties to the earlier token.
+      ``T_i >= 1``), ties to the earlier token. ``count="float32"`` rounds as VPPO's released code
+      does, ``k_i = ceil(float32(T_i) * float32(fraction))``: the same for 0.4, one more token
+      for some other fractions (0.6 of 25 tokens: 16).
     - ``scope="group"``: the same over all valid tokens of each prompt's group
       (``ceil(fraction * n_g)``), ties to the earlier row, then the earlier token.
     - ``scope="batch"``: the 80/20 rule ("Beyond the 80/20 rule", arXiv 2506.01939) exactly as
@@ -163,6 +166,8 @@ class TopFraction:
         fraction: share of tokens to keep, in ``(0, 1]`` (``1.0`` keeps every valid token).
         scope: ``"sequence"``, ``"group"`` or ``"batch"``.
         score: name of the score to rank by (None: the strategy's single score).
+        count: ``"exact"`` (rational ceil) or ``"float32"`` (VPPO's released rounding); only with
+            ``scope="sequence"``.
 
     Returns:
         ``[B, T]`` float32 weights in ``{0, 1}``.
@@ -173,11 +178,21 @@ class TopFraction:
         >>> r = rlcredit.Rollout(torch.tensor([[True, True, True, False]]), torch.tensor([1.0]), torch.tensor([0]))
         >>> TopFraction(0.4)({"visual": torch.tensor([[0.5, 2.0, 1.0, 0.0]])}, r)  # ceil(0.4 * 3) = 2
         tensor([[0., 1., 1., 0.]])
+        >>> TopFraction(0.4, count="float32")({"visual": torch.tensor([[0.5, 2.0, 1.0, 0.0]])}, r)
+        tensor([[0., 1., 1., 0.]])
     """
 
     fraction: float = attrs.field(validator=in_range(0.0, 1.0, lo_open=True))
     scope: str = attrs.field(default="sequence", validator=one_of(*F.SCOPES))
     score: str | None = attrs.field(default=None, validator=optional_str)
+    count: str = attrs.field(default="exact", validator=one_of(*COUNTS))
+
+    def __attrs_post_init__(self) -> None:
+        if self.count != "exact" and self.scope != "sequence":
+            raise SpecError(
+                f"TopFraction.count={self.count!r} is the sequence scope's rounding rule (VPPO's released code); "
+                f"scope {self.scope!r} has its own. Use count='exact', or scope='sequence'."
+            )
 
     @property
     def requires(self) -> tuple[Requirement, ...]:
@@ -186,7 +201,7 @@ class TopFraction:
     def __call__(self, scores: Mapping[str, Tensor], rollout: Rollout, *, reducer: Reducer | None = None) -> Tensor:
         s = Score(self.score).read(scores, "weighter top_fraction")
         keep = F.top_fraction_mask(s, rollout.response_mask, self.fraction, self.scope,
-                                   group_ids=rollout.group_ids, reducer=reducer)
+                                   group_ids=rollout.group_ids, reducer=reducer, count=self.count)
         return keep.float()
 
 

@@ -20,10 +20,13 @@ from rlcredit.functional._checks import (
 )
 from rlcredit.functional._reduce import Reducer, all_gather, segment_ids, world_size
 
-__all__ = ["SCOPES", "top_fraction_mask"]
+__all__ = ["SCOPES", "COUNTS", "top_fraction_mask"]
 
 #: The selection scopes of ``top_fraction_mask``.
 SCOPES = ("sequence", "group", "batch")
+
+#: How ``top_fraction_mask`` rounds ``fraction * n`` up in the sequence scope (see ``count``).
+COUNTS = ("exact", "float32")
 
 # torch.quantile refuses inputs above 2**24 elements ("quantile() input tensor is too large").
 _TORCH_QUANTILE_MAX_NUMEL = 2**24
@@ -58,6 +61,19 @@ def keep_counts(n: torch.Tensor, p: int, q: int) -> torch.Tensor:
     """``ceil(p * n / q)`` in int64, at least 1 where ``n >= 1`` and 0 where ``n == 0``."""
     n = n.long()
     k = torch.div(n * p + (q - 1), q, rounding_mode="floor")
+    return torch.where(n > 0, k.clamp_min(1), torch.zeros_like(k))
+
+
+def float32_counts(n: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``ceil(float32(n) * float32(fraction))`` in int64, at least 1 where ``n >= 1``: VPPO's released rule.
+
+    The expression of the released code (``torch.ceil(num_valid_tokens * top_p)``,
+    ``verl/workers/actor/dp_actor.py`` L413 of huaixuheqing/VPPO-RL): the int64 count times the
+    Python float, rounded to float32, then ceiled. It equals the exact rational ceil unless the
+    float32 product lands just above an integer (never for 0.4 or 0.2; 0.6 of 25 tokens is
+    ``ceil(15.000001) = 16`` in float32).
+    """
+    k = torch.ceil(n.long() * fraction).long()
     return torch.where(n > 0, k.clamp_min(1), torch.zeros_like(k))
 
 
@@ -97,6 +113,7 @@ def top_fraction_mask(
     *,
     group_ids: torch.Tensor | None = None,
     reducer: Reducer | None = None,
+    count: str = "exact",
 ) -> torch.Tensor:
     """Keep the highest-scoring ``fraction`` of the valid tokens of each sequence, group or batch.
 
@@ -106,7 +123,10 @@ def top_fraction_mask(
       ``k_i = ceil(fraction * T_i)`` tokens of row ``i`` (``T_i`` its valid tokens; at least one
       when ``T_i >= 1``) with the highest scores. The ceil is exact rational arithmetic (``fraction``
       is read as the nearest ratio with denominator ``<= 1e6``, so 0.4 of 5 tokens is 2, not the
-      3 that ``ceil(5 * float32(0.4))`` gives). Ties go to the earlier token (a stable sort).
+      3 that a float64 ``ceil(5 * 0.4000000059604645)`` would give). Ties go to the earlier token (a
+      stable sort). ``count="float32"`` takes ``k_i = ceil(float32(T_i) * float32(fraction))``
+      instead, VPPO's released expression (``float32_counts``), which can exceed the exact ceil by
+      one (0.6 of 25 tokens: 16, not 15; never for 0.4).
     - ``"group"``: the same over all valid tokens of each group (``group_ids`` required); ties go
       to the earlier row, then the earlier token. Across ranks, rows are ordered by rank, and the
       reducer must expose ``rank``.
@@ -130,6 +150,8 @@ def top_fraction_mask(
         scope: ``"sequence"``, ``"group"`` or ``"batch"``.
         group_ids: ``[B]`` integer group ids (``"group"`` scope only).
         reducer: cross-rank reducer (``"group"`` and ``"batch"`` scopes), or None for local.
+        count: ``"exact"`` (rational ceil) or ``"float32"`` (the released VPPO rule); sequence
+            scope only.
 
     Returns:
         ``[B, T]`` bool mask of kept tokens (a subset of ``mask``).
@@ -148,6 +170,9 @@ def top_fraction_mask(
         >>> top_fraction_mask(scores, mask, 0.25, "batch")  # the 0.75-quantile of 8 scores is 1.5
         tensor([[False, False, False, False, False],
                 [ True, False,  True, False, False]])
+        >>> row = torch.arange(25.0)[None]
+        >>> [int(top_fraction_mask(row, row >= 0, 0.6, count=c).sum()) for c in ("exact", "float32")]
+        [15, 16]
     """
     fn = "top_fraction_mask"
     scores = check_shape(fn, "scores", scores, "BT", [None, None])
@@ -157,6 +182,12 @@ def top_fraction_mask(
     check_bool(fn, "mask", mask)
     p, q = exact_fraction(fn, fraction)
     check_choice(fn, "scope", scope, SCOPES)
+    check_choice(fn, "count", count, COUNTS)
+    if count != "exact" and scope != "sequence":
+        raise RLCreditError(
+            f"{fn}: count={count!r} is the sequence scope's rounding rule (VPPO's released code); scope "
+            f"{scope!r} rounds its own way. Use count='exact' or scope='sequence'."
+        )
     B, T = scores.shape
     if scope == "group":
         if group_ids is None:
@@ -172,7 +203,11 @@ def top_fraction_mask(
     key = rank_key(scores, mask)
 
     if scope == "sequence":
-        return _sequence_top(key, mask, keep_counts(mask.sum(-1), p, q), p, q)
+        if count == "float32":
+            # The largest k_i: float32 products are monotone in T_i, so the row of T tokens has it.
+            K = int(float32_counts(torch.tensor([T]), fraction))
+            return _sequence_top(key, mask, float32_counts(mask.sum(-1), fraction), max(1, K))
+        return _sequence_top(key, mask, keep_counts(mask.sum(-1), p, q), max(1, (T * p + q - 1) // q))
 
     if scope == "batch":
         # Boolean indexing syncs once to size the valid scores, as TRL's gather does.
@@ -185,19 +220,18 @@ def top_fraction_mask(
     return _group_top(key, mask, group_ids, p, q, reducer)
 
 
-def _sequence_top(key: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, p: int, q: int) -> torch.Tensor:
+def _sequence_top(key: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, K: int) -> torch.Tensor:
     """Per row, the ``k_i`` largest keys, ties to the earlier token: a selection, not a sort.
 
     The ``k_i``-th largest key ``thr_i`` comes from one batched ``kthvalue`` (O(T) per row, no
     sort, no host sync): each row is padded with ``K - k_i`` entries of ``+inf`` and ``k_i`` of
-    ``-inf``, where ``K = ceil(fraction * T) >= k_i`` is known on the host, so that ``thr_i`` is
+    ``-inf``, where ``K >= k_i`` (``k_i`` of a row of ``T`` tokens) is known on the host, so that ``thr_i`` is
     the ``K``-th largest of every padded row. Keys above ``thr_i`` are kept, and of the keys equal
     to it the earliest ``k_i - #above`` (a cumsum), which is exactly a stable sort's choice.
     """
     B, T = key.shape
     if T == 0:
         return mask.clone()
-    K = max(1, (T * p + q - 1) // q)  # ceil(p T / q) on the host: the largest possible k_i
     extra = torch.arange(K, device=key.device)[None, :] < (K - k)[:, None]
     padded = torch.cat([key, torch.where(extra, float("inf"), float("-inf"))], dim=1)
     # The K-th largest of T + K values is the (T + 1)-th smallest. Padding keys are -inf and valid

@@ -63,12 +63,17 @@ class _Scopes:
                 self._groups = GroupIndex(self.group_ids, self.reducer)
             return self._groups.broadcast(xm, op)
         # Consecutive chunks of this process's rows, as VPPO's released code used per-device
-        # mini-batches (128 rows) and micro-batches (16 rows): no cross-rank reduction.
-        seg = torch.arange(B, device=x.device) // int(scope)
-        buf = torch.full(((B + int(scope) - 1) // int(scope),), ident, device=x.device)
-        if op == "sum":
-            return buf.index_add_(0, seg, xm)[seg]
-        return buf.scatter_reduce_(0, seg, xm, op)[seg]
+        # mini-batches (128 rows) and micro-batches (16 rows): no cross-rank reduction. Each chunk
+        # is reduced as one contiguous vector (full chunks as rows of a view, the shorter last
+        # one on its own): the summation order of torch.sum on that chunk's rows alone, which
+        # the released code's per-micro-batch mean relies on.
+        size = int(scope)
+        full = B - B % size
+        parts = [getattr(xm[:full].view(-1, size), op)(-1)] if full else []
+        if full < B:
+            parts.append(getattr(xm[full:], op)().reshape(1))
+        seg = torch.arange(B, device=x.device) // size
+        return torch.cat(parts)[seg] if parts else xm
 
 
 def dependency_scale(
@@ -81,6 +86,7 @@ def dependency_scale(
     mean_scope: str | int | None = None,
     group_ids: torch.Tensor | None = None,
     reducer: Reducer | None = None,
+    mean_eps: float | None = None,
 ) -> torch.Tensor:
     """VPPO's Trajectory-level Advantage Shaping: a per-sequence factor alpha for the advantage.
 
@@ -99,11 +105,20 @@ def dependency_scale(
     above by design (up to ``beta_min + (1 - beta_min) * rows``). Paper form (``beta_max`` a
     float), bounded: ``alpha_i = beta_min + n_i * (beta_max - beta_min)``.
 
+    ``mean_eps`` (code form only; the released code: ``1e-8``) divides by ``mu + mean_eps``
+    instead, evaluated as the released code does (``verl/workers/actor/dp_actor.py`` L509-521 of
+    huaixuheqing/VPPO-RL), so that every float32 rounding matches:
+
+        alpha_i = beta_min + n_i * ((beta_min + (1 - beta_min) / (mu + mean_eps)) - beta_min)
+
+    then ``mu = 0`` gives ``alpha = beta_min`` on every row of the mean scope (the mean of alpha is
+    ``beta_min``, not 1), and alpha differs from the exact form by a relative ``~mean_eps / mu``.
+
     ``alpha = 1`` (no shaping) for rows with ``valid=False`` (they never enter the statistics),
     for every row of a scope with at most one valid row or with ``max - min <= 1e-6``, and, in
-    the code form, for every row of a mean scope where ``mu == 0`` (all its rows sit at the
-    minimum; the released code, with ``mu + 1e-8``, would give ``beta_min`` there, breaking the
-    mean of 1). The released code used ``scope=128`` (rows of a per-device mini-batch) and
+    the code form without ``mean_eps``, for every row of a mean scope where ``mu == 0`` (all its
+    rows sit at the minimum; the released code, with ``mu + 1e-8``, gives ``beta_min`` there,
+    breaking the mean of 1). The released code used ``scope=128`` (rows of a per-device mini-batch) and
     ``mean_scope=16`` (micro-batch); integer scopes are chunks of this process's consecutive rows
     and take no cross-rank reduction, while ``"batch"`` (via ``reducer``) and ``"group"`` (via
     ``group_ids``, gathered across ranks) give the single-process result on any number of ranks.
@@ -118,6 +133,8 @@ def dependency_scale(
         mean_scope: scope of ``mu`` (code form only); None means ``scope``.
         group_ids: ``[B]`` integer group ids, needed when a scope is ``"group"``.
         reducer: cross-rank reducer, or None when this process holds the whole batch.
+        mean_eps: None (exact: ``alpha = 1`` where ``mu = 0``) or ``> 0``, added to ``mu`` as the
+            released code does (code form only).
 
     Returns:
         ``[B]`` float32 factors alpha, to multiply the (already normalised) advantages by.
@@ -131,6 +148,8 @@ def dependency_scale(
         tensor([0.9000, 1.1286, 1.0143, 0.9571, 1.0000])
         >>> dependency_scale(s, valid, beta_max=1.1)  # paper form: 0.9 + 0.2 n
         tensor([0.9000, 1.1000, 1.0000, 0.9500, 1.0000])
+        >>> dependency_scale(s, valid, scope=4, mean_scope=2, mean_eps=1e-8)  # rows 0-1: mu = .5; 2-3: .375
+        tensor([0.9000, 1.1000, 1.0333, 0.9667, 1.0000])
     """
     fn = "dependency_scale"
     mean_scores = check_shape(fn, "mean_scores", mean_scores, "B", [None])
@@ -155,9 +174,21 @@ def dependency_scale(
                 f"(beta_max=None); the bounded form (beta_max={beta_max!r}) has no mean. Drop "
                 f"`mean_scope` or set beta_max=None."
             )
+    if mean_eps is not None:
+        check_real(fn, "mean_eps", mean_eps, low=0.0, low_open=True)
+        if beta_max is not None:
+            raise RLCreditError(
+                f"{fn}: `mean_eps` only applies to the mean-preserving code form (beta_max=None); the bounded "
+                f"form (beta_max={beta_max!r}) divides by no mean. Drop `mean_eps` or set beta_max=None."
+            )
     _check_scope(fn, "scope", scope)
     mean_scope = scope if mean_scope is None else mean_scope
     _check_scope(fn, "mean_scope", mean_scope)
+    if isinstance(scope, numbers.Integral) and isinstance(mean_scope, numbers.Integral) and scope % mean_scope:
+        raise RLCreditError(
+            f"{fn}: `mean_scope` ({mean_scope}) must divide `scope` ({scope}) when both are row chunks "
+            f"(micro-batches inside mini-batches), or a mean chunk would straddle two min/max chunks."
+        )
     if "group" in (scope, mean_scope):
         if group_ids is None:
             raise RLCreditError(
@@ -181,6 +212,11 @@ def dependency_scale(
         return torch.where(shaped, beta_min + n * (beta_max - beta_min), ones)
     peers = scopes.stat(ones, shaped, mean_scope, "sum")
     mu = scopes.stat(n, shaped, mean_scope, "sum") / peers.clamp_min(1.0)
+    if mean_eps is not None:
+        # The released expression, op for op (Python scalars meet float32 tensors as there;
+        # `scalar / tensor` is `tensor.reciprocal() * scalar` in torch).
+        top = (mu + mean_eps).reciprocal() * (1.0 - beta_min) + beta_min
+        return torch.where(shaped, n * (top - beta_min) + beta_min, ones)
     shaped = shaped & (mu > 0)
     alpha = beta_min + n * (1.0 - beta_min) / torch.where(shaped, mu, ones)
     return torch.where(shaped, alpha, ones)
