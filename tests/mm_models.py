@@ -23,8 +23,12 @@ from typing import Any
 
 import torch
 
-ARCHS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "smolvlm", "gemma3")
+ARCHS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "idefics3", "smolvlm",
+                          "gemma3")
 """Architectures :func:`make_vlm` builds (``model.config.model_type`` of each)."""
+
+QWEN_ARCHS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+"""The Qwen family: flattened patches + ``image_grid_thw``; Qwen3-VL with 16-px patches."""
 
 VOCAB = 96
 PAD = 0
@@ -34,8 +38,20 @@ VIDEO = 91
 START = 92  # vision-start / begin-of-image marker
 END = 93  # vision-end / end-of-image marker
 
-# Qwen images cycle through these (H, W) sizes so that rows own different numbers of patches.
+# Qwen images cycle through these (H, W) sizes so that rows own different numbers of patches
+# (Qwen2-VL / Qwen2.5-VL: 28 px per placeholder token side; Qwen3-VL: 32).
 QWEN_SIZES: tuple[tuple[int, int], ...] = ((28, 56), (56, 28), (28, 28), (56, 56))
+
+
+def qwen_sizes(arch: str) -> tuple[tuple[int, int], ...]:
+    """The (H, W) image sizes of ``arch``'s images: ``QWEN_SIZES`` scaled to its patch * merge size."""
+    f = qwen_factor(arch)
+    return tuple((h // 28 * f, w // 28 * f) for h, w in QWEN_SIZES)
+
+
+def qwen_factor(arch: str) -> int:
+    """Pixels per placeholder-token side: patch size * spatial merge (28, or 32 for Qwen3-VL)."""
+    return 32 if arch.startswith("qwen3") else 28
 
 MakeInputs = Callable[..., tuple[dict[str, Any], torch.Tensor]]
 
@@ -55,7 +71,20 @@ def _config(arch: str, text_kw: dict[str, Any] | None = None, vision_kw: dict[st
     import transformers as tf
 
     tk, vk = dict(text_kw or {}), dict(vision_kw or {})
-    if arch in ("qwen2_vl", "qwen2_5_vl"):
+    if arch in ("qwen3_vl", "qwen3_vl_moe"):
+        # head_dim 16: 8 rotary frequencies, interleaved T H W T H W T T (mrope_section [4, 2, 2]);
+        # DeepStack adds vision layer 0's features to decoder layer 0's image positions.
+        text = _text(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2],
+                                                   "mrope_interleaved": True, "rope_theta": 10000.0}, **tk)
+        if arch == "qwen3_vl_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0], **vk)
+        cls = tf.Qwen3VLConfig if arch == "qwen3_vl" else tf.Qwen3VLMoeConfig
+        cfg = cls(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                  vision_start_token_id=START, vision_end_token_id=END)
+    elif arch in ("qwen2_vl", "qwen2_5_vl"):
         text = _text(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}, **tk)
         if arch == "qwen2_vl":
             vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
@@ -98,6 +127,8 @@ def _model_class(arch: str) -> type:
     return {
         "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": tf.Qwen3VLMoeForConditionalGeneration,
         "llava": tf.LlavaForConditionalGeneration,
         "idefics3": tf.Idefics3ForConditionalGeneration,
         "smolvlm": tf.SmolVLMForConditionalGeneration,
@@ -107,9 +138,10 @@ def _model_class(arch: str) -> type:
 
 def image_tokens_per_image(arch: str, size: tuple[int, int] | None = None) -> int:
     """How many ``IMAGE`` placeholder tokens one image of ``size`` (Qwen: ``(H, W)``) takes."""
-    if arch in ("qwen2_vl", "qwen2_5_vl"):
-        h, w = size or QWEN_SIZES[0]
-        return (h // 28) * (w // 28)
+    if arch in QWEN_ARCHS:
+        h, w = size or qwen_sizes(arch)[0]
+        f = qwen_factor(arch)
+        return (h // f) * (w // f)
     return 4  # llava: (28/14)^2 patches; idefics3: (56/14)^2 / 2^2; gemma3: mm_tokens_per_image
 
 
@@ -188,14 +220,14 @@ def make_inputs_for(arch: str, config: Any) -> MakeInputs:
         images = [1] * B if images is None else list(images)
         if len(lengths) != B or len(images) != B or P_text < 1:
             raise ValueError("make_inputs: lengths and images need B entries and P_text >= 1.")
-        qwen = arch in ("qwen2_vl", "qwen2_5_vl")
+        qwen = arch in QWEN_ARCHS
         prompts, sizes = [], []
         k = 0
         for b in range(B):
             text = torch.randint(TEXT_LO, TEXT_HI, (P_text,), generator=g).tolist()
             row = text[:1]
             for _ in range(images[b]):
-                size = QWEN_SIZES[k % len(QWEN_SIZES)] if qwen else None
+                size = qwen_sizes(arch)[k % len(QWEN_SIZES)] if qwen else None
                 sizes.append(size)
                 k += 1
                 row += [START] + [IMAGE] * image_tokens_per_image(arch, size) + [END]
@@ -251,7 +283,7 @@ def run_rows_alone(inputs: dict[str, Any], rows: Sequence[int], arch: str, confi
     """Each row of ``inputs`` as its own batch of one, prompt padding stripped (slow, for references)."""
     out = []
     ids = inputs["input_ids"]
-    qwen = arch in ("qwen2_vl", "qwen2_5_vl")
+    qwen = arch in QWEN_ARCHS
     img_counts = (ids == IMAGE).sum(1)
     # Qwen: patches per image from the grid; image -> row by cumulative token counts.
     if qwen and "image_grid_thw" in inputs:

@@ -92,6 +92,15 @@ def qwen():
 
 
 @pytest.fixture(scope="module")
+def qwen3():
+    model, make = make_vlm("qwen3_vl")  # 16-px patches, DeepStack, interleaved mRoPE, q/k norms
+    inputs, mask = make(B=3, P_text=4, T=6, seed=4, lengths=[6, 4, 1], images=[2, 0, 1])
+    policy = rlcredit.HFPolicy(model, rows_per_chunk=2)
+    prepared = policy.adapter.prepare_inputs(inputs, model)
+    return model, policy, inputs, mask, _eager_attentions(model, prepared), prepared
+
+
+@pytest.fixture(scope="module")
 def llava():
     model, make = make_vlm("llava")
     inputs, mask = make(B=3, P_text=4, T=5, seed=2, lengths=[5, 1, 3])
@@ -110,7 +119,7 @@ def llava():
     return model, policy, inputs, mask, _eager_attentions(model, inputs), inputs
 
 
-@pytest.mark.parametrize("which", ["qwen", "llava"])
+@pytest.mark.parametrize("which", ["qwen", "qwen3", "llava"])
 @pytest.mark.parametrize(("align", "debias", "measure"), [
     ("predicting", True, "mass"), ("self", True, "mass"), ("predicting", False, "mass"),
     ("self", False, "density"), ("predicting", True, "density"),
@@ -285,8 +294,9 @@ def test_registered_with_transformers_and_registry():
 # ------------------------------------------------------------------------ at_rl end to end
 
 
-def test_at_rl_preset_end_to_end_on_a_tiny_vlm():
-    model, make = make_vlm("qwen2_5_vl")
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_at_rl_preset_end_to_end_on_a_tiny_vlm(arch):
+    model, make = make_vlm(arch)
     inputs, mask = make(B=4, P_text=3, T=24, seed=3, lengths=[24, 17, 9, 3], images=[1, 2, 1, 1])
     policy = rlcredit.HFPolicy(model, rows_per_chunk=2)
     rollout = rlcredit.Rollout(mask, torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0, 0, 1, 1]),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from mm_models import ARCHS, END, IMAGE, START, make_vlm, run_rows_alone
+from mm_models import ARCHS, END, IMAGE, QWEN_ARCHS, START, make_vlm, qwen_sizes, run_rows_alone
 
 import rlcredit
 from rlcredit.errors import AdapterError
@@ -14,10 +14,11 @@ from rlcredit_mm import adapters as A
 from rlcredit_mm.perturb import Constant, Drop
 
 EXPECTED = {
-    "qwen2_vl": A.Qwen2VLAdapter, "qwen2_5_vl": A.Qwen25VLAdapter, "llava": A.LlavaAdapter,
+    "qwen2_vl": A.Qwen2VLAdapter, "qwen2_5_vl": A.Qwen25VLAdapter, "qwen3_vl": A.Qwen3VLAdapter,
+    "qwen3_vl_moe": A.Qwen3VLMoeAdapter, "llava": A.LlavaAdapter,
     "idefics3": A.Idefics3Adapter, "smolvlm": A.Idefics3Adapter, "gemma3": A.Gemma3Adapter,
 }
-QWEN = ("qwen2_vl", "qwen2_5_vl")
+QWEN = QWEN_ARCHS
 _MODELS: dict[str, tuple] = {}
 
 
@@ -76,7 +77,7 @@ def test_facts(arch):
     model, _ = vlm(arch)
     ad, cfg = A.adapter_for(model), model.config
     assert ad.image_token_id(cfg) == IMAGE
-    assert ad.patch_size(cfg) == 14
+    assert ad.patch_size(cfg) == (16 if arch.startswith("qwen3") else 14)
     ids = torch.tensor([[1, IMAGE, 5, IMAGE]])
     assert ad.image_token_mask(ids, cfg).tolist() == [[False, True, False, True]]
     mods = ad.attention_modules(model)
@@ -86,7 +87,7 @@ def test_facts(arch):
     assert all(m is lm.layers[i].self_attn for i, m in enumerate(mods))
     vision = [m for name, m in model.named_modules() if "vision" in name or "visual" in name]
     assert not any(m is v for m in mods for v in vision)  # the language model's, not the vision tower's
-    expected_markers = {"qwen2_vl": (START, END), "qwen2_5_vl": (START, END), "gemma3": (START, END)}
+    expected_markers = {**{a: (START, END) for a in QWEN}, "gemma3": (START, END)}
     assert ad.marker_token_ids(cfg) == expected_markers.get(arch, ())
 
 
@@ -128,16 +129,41 @@ def test_qwen_unflatten_inverts_the_image_processor():
 # --- the transformers 5 traps -------------------------------------------------------------------
 
 
-def test_qwen2_vl_needs_mm_token_type_ids_and_prepare_adds_them():
-    model, _ = vlm("qwen2_vl")
-    inputs, mask = batch("qwen2_vl")
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_qwen_needs_mm_token_type_ids_and_prepare_adds_them(arch):
+    model, _ = vlm(arch)
+    inputs, mask = batch(arch)
     with pytest.raises(ValueError, match="mm_token_type_ids"), torch.no_grad():
         model(**inputs)
     prepared = A.adapter_for(model).prepare_inputs(inputs, model)
     assert torch.equal(prepared["mm_token_type_ids"], (inputs["input_ids"] == IMAGE).long())
     assert "mm_token_type_ids" not in inputs  # the caller's dict is not modified
-    ref, _ = batch("qwen2_vl", type_ids=True)
+    ref, _ = batch(arch, type_ids=True)
     assert torch.equal(prepared["mm_token_type_ids"], ref["mm_token_type_ids"])
+
+
+def test_qwen3_vl_deepstack_and_interleaved_mrope_are_live_in_the_tiny_model():
+    """The test model exercises what the adapter must not break: DeepStack features and 3-D positions."""
+    model, _ = vlm("qwen3_vl")
+    inputs, mask = batch("qwen3_vl")
+    assert model.config.vision_config.deepstack_visual_indexes == [0]
+    assert model.config.text_config.rope_parameters["mrope_section"] == [4, 2, 2]
+    prepared = A.adapter_for(model).prepare_inputs(inputs, model)
+    merger = model.model.visual.deepstack_merger_list[0].linear_fc2
+    with torch.no_grad():
+        logits = model(**prepared).logits
+        saved = [p.clone() for p in merger.parameters()]
+        for p in merger.parameters():
+            p.zero_()  # DeepStack adds nothing now
+        try:
+            no_deepstack = model(**prepared).logits
+        finally:
+            for p, old in zip(merger.parameters(), saved):
+                p.copy_(old)
+        flat = model(**{**prepared, "position_ids": torch.arange(prepared["input_ids"].shape[1]).expand(3, 3, -1)}).logits
+    rows = mask.any(1) & (prepared["mm_token_type_ids"].sum(1) > 0)  # rows with an image
+    assert (logits[rows] - no_deepstack[rows]).abs().max() > 1e-4
+    assert (logits[rows] - flat[rows]).abs().max() > 1e-4  # 3-D positions differ from 1-D ones
 
 
 def test_qwen2_5_vl_silent_1d_fallback_is_avoided():
@@ -286,7 +312,7 @@ def test_map_images_gives_each_image_its_row_and_index(arch):
             frames = ad.unflatten(px[start:start + n], g, cfg)
             assert torch.all(frames == code)
             start += n
-        assert {tuple(s) for s in seen} <= {(28, 56), (56, 28), (28, 28), (56, 56)}
+        assert {tuple(s) for s in seen} <= set(qwen_sizes(arch))
     elif arch in ("idefics3", "smolvlm"):
         for b, n in enumerate(images_for(arch)):
             for i in range(px.shape[1]):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from mm_models import ARCHS, END, IMAGE, START, make_vlm
+from mm_models import ARCHS, END, IMAGE, QWEN_ARCHS, START, make_vlm
 
 import rlcredit
 from rlcredit.errors import RegistryError, SpecError
@@ -17,7 +17,7 @@ from rlcredit.registry import build_component
 from rlcredit_mm import adapters as A
 from rlcredit_mm import perturb as P
 
-QWEN = ("qwen2_vl", "qwen2_5_vl")
+QWEN = QWEN_ARCHS
 PIXEL_PERTURBATIONS = [P.PatchBlackout(p=0.75), P.GaussianNoise(), P.Constant(), P.Blur(), P.Constant(value=0.25)]
 _MODELS: dict[str, tuple] = {}
 
@@ -211,7 +211,8 @@ def test_blackout_on_model_inputs_is_aligned_to_the_patch_grid(arch):
     for a, b in zip(pixels_by_image(arch, out, model.config), pixels_by_image(arch, inputs, model.config)):
         hit = (a == black.view(3, 1, 1)).all(0)
         assert torch.equal(a, torch.where(hit, black.view(3, 1, 1), b))
-        cells = hit.unfold(0, 14, 14).unfold(1, 14, 14)
+        size = A.adapter_for(model).patch_size(model.config)  # 14, or 16 for Qwen3-VL
+        cells = hit.unfold(0, size, size).unfold(1, size, size)
         assert torch.all(cells.all(-1).all(-1) | ~cells.any(-1).any(-1))
     if arch in QWEN:  # both temporal copies of a Qwen image get the same mask
         ad = A.adapter_for(model)

@@ -13,20 +13,23 @@ adapter whose ``matches(config)`` is True, so supporting a new architecture is o
 
 Built in (``model_type`` -> adapter):
 
-=============================  ===============  ================================================
-``model_type``                  adapter          pixel layout
-=============================  ===============  ================================================
-``qwen2_vl``                    ``qwen2_vl``     ``[N_patches, C*tp*p*p]`` + ``image_grid_thw [n, 3]``
-``qwen2_5_vl``                  ``qwen2_5_vl``   same (patch 14, spatial merge 2)
-``llava``                       ``llava``        ``[n, 3, H, W]``, the same number of images per row
-``gemma3``                      ``gemma3``       ``[n, 3, H, W]`` + ``token_type_ids``
-``idefics3`` / ``smolvlm``      ``idefics3``     ``[B, n, 3, H, W]`` + ``pixel_attention_mask``
-=============================  ===============  ================================================
+==============================  ==================  ====================================================
+``model_type``                  adapter             pixel layout
+==============================  ==================  ====================================================
+``qwen2_vl``                    ``qwen2_vl``        ``[N_patches, C*tp*p*p]`` + ``image_grid_thw [n, 3]``
+``qwen2_5_vl``                  ``qwen2_5_vl``      same (patch 14, spatial merge 2)
+``qwen3_vl``                    ``qwen3_vl``        same (patch 16, spatial merge 2, DeepStack)
+``qwen3_vl_moe``                ``qwen3_vl_moe``    same as ``qwen3_vl``
+``llava``                       ``llava``           ``[n, 3, H, W]``, the same number of images per row
+``gemma3``                      ``gemma3``          ``[n, 3, H, W]`` + ``token_type_ids``
+``idefics3`` / ``smolvlm``      ``idefics3``        ``[B, n, 3, H, W]`` + ``pixel_attention_mask``
+==============================  ==================  ====================================================
 
 The transformers 5 traps they handle:
 
-- Qwen2-VL / Qwen2.5-VL need ``mm_token_type_ids`` (1 at image tokens) for multimodal RoPE;
-  without it Qwen2-VL raises and Qwen2.5-VL silently falls back to 1-D positions.
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL need ``mm_token_type_ids`` (1 at image tokens) for
+  multimodal RoPE; without it Qwen2-VL and Qwen3-VL raise and Qwen2.5-VL silently falls back to
+  1-D positions.
   ``QwenVLAdapter.prepare_inputs`` adds it when absent.
 - Gemma3 attends bidirectionally inside an image only when ``token_type_ids`` are passed (its
   processor returns them); ``Gemma3Adapter.prepare_inputs`` adds them when absent.
@@ -35,19 +38,22 @@ The transformers 5 traps they handle:
   perturbation leaves exactly zero gets one pixel nudged so it is not dropped.
 
 Modules: ``base`` (the protocol, shared behaviour, ``adapter_for``), ``stacked`` (LLaVA, Gemma 3),
-``idefics3`` (Idefics3, SmolVLM), ``qwen`` (Qwen2-VL, Qwen2.5-VL); every name is importable from
-``rlcredit_mm.adapters``.
+``idefics3`` (Idefics3, SmolVLM), ``qwen`` (Qwen2-VL, Qwen2.5-VL), ``qwen3`` (Qwen3-VL, Qwen3-VL-MoE);
+every name is importable from ``rlcredit_mm.adapters``. ``RAW_IMAGES_KEY`` names the
+``model_inputs`` entry holding the images before the processor (``rlcredit_mm.images``), which
+every ``prepare_inputs`` drops.
 """
 
 from rlcredit_mm.adapters.base import (
-    CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, ImageFn, VLMAdapter, adapter_for, config_of,
+    CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, RAW_IMAGES_KEY, ImageFn, VLMAdapter, adapter_for, config_of,
 )
 from rlcredit_mm.adapters.stacked import Gemma3Adapter, LlavaAdapter, StackedImagesAdapter  # registers llava, gemma3
 from rlcredit_mm.adapters.idefics3 import Idefics3Adapter  # registers idefics3
 from rlcredit_mm.adapters.qwen import Qwen25VLAdapter, Qwen2VLAdapter, QwenVLAdapter  # registers qwen2_vl, qwen2_5_vl
+from rlcredit_mm.adapters.qwen3 import Qwen3VLAdapter, Qwen3VLMoeAdapter  # registers qwen3_vl, qwen3_vl_moe
 
 __all__ = [
     "VLMAdapter", "ImageFn", "StackedImagesAdapter", "QwenVLAdapter", "Qwen2VLAdapter", "Qwen25VLAdapter",
-    "LlavaAdapter", "Gemma3Adapter", "Idefics3Adapter", "adapter_for", "config_of",
-    "CLIP_MEAN", "CLIP_STD", "HALF_MEAN", "HALF_STD",
+    "Qwen3VLAdapter", "Qwen3VLMoeAdapter", "LlavaAdapter", "Gemma3Adapter", "Idefics3Adapter", "adapter_for",
+    "config_of", "CLIP_MEAN", "CLIP_STD", "HALF_MEAN", "HALF_STD", "RAW_IMAGES_KEY",
 ]

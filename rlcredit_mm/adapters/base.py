@@ -16,7 +16,14 @@ from torch import Tensor
 from rlcredit.errors import AdapterError
 from rlcredit.registry import available, get
 
-__all__ = ["VLMAdapter", "ImageFn", "adapter_for", "config_of", "CLIP_MEAN", "CLIP_STD", "HALF_MEAN", "HALF_STD"]
+__all__ = ["VLMAdapter", "ImageFn", "adapter_for", "config_of", "CLIP_MEAN", "CLIP_STD", "HALF_MEAN", "HALF_STD",
+           "RAW_IMAGES_KEY"]
+
+RAW_IMAGES_KEY = "raw_images"
+"""``model_inputs`` key of the images before the processor (``rlcredit_mm.images.RawImages``).
+
+Not a model input: every adapter's ``prepare_inputs`` drops it, so a forward never sees it.
+"""
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """OpenAI CLIP normalisation mean (Qwen2-VL, Qwen2.5-VL, LLaVA image processors)."""
@@ -106,6 +113,9 @@ class _BaseAdapter:
     language_model_path: ClassVar[tuple[str, ...]] = ("model", "language_model")
     type_ids_key: ClassVar[str | None] = None
     """A ``[B, L]`` input that is 1 at image tokens (Qwen ``mm_token_type_ids``, Gemma3 ``token_type_ids``)."""
+    supports_raw_images: ClassVar[bool] = True
+    """Whether the image processor's outputs, image by image, concatenate into the model's image inputs
+    (what ``VisualKL(stage="image")`` re-processes perturbed raw images into)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -164,8 +174,11 @@ class _BaseAdapter:
     # --- inputs -----------------------------------------------------------------------------
 
     def prepare_inputs(self, inputs: dict[str, Any], model: Any) -> dict[str, Any]:
-        """Add what transformers needs but processors may leave out (a new dict; no copy of tensors)."""
-        return dict(inputs)
+        """Add what transformers needs but processors may leave out (a new dict; no copy of tensors).
+
+        Drops ``RAW_IMAGES_KEY`` (the images before the processor are not a model input).
+        """
+        return _without_raw(inputs)
 
     def _slice_images(self, inputs: Mapping[str, Any], start: int, stop: int, B: int) -> dict[str, Any]:
         """The image inputs of rows ``[start, stop)`` (keys of ``image_keys``)."""
@@ -260,6 +273,11 @@ class _BaseAdapter:
         if "position_ids" in inputs:
             out["position_ids"] = (out["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
         return out
+
+
+def _without_raw(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict of ``inputs`` without ``RAW_IMAGES_KEY``."""
+    return {k: v for k, v in inputs.items() if k != RAW_IMAGES_KEY}
 
 
 def adapter_for(model_or_config: Any) -> Any:

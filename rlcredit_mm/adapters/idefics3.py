@@ -38,6 +38,7 @@ class Idefics3Adapter(_BaseAdapter):
     image_mean = HALF_MEAN
     image_std = HALF_STD
     language_model_path = ("model", "text_model")
+    supports_raw_images = False  # its processor tiles and pads images per row
 
     def _slice_images(self, inputs: Mapping[str, Any], start: int, stop: int, B: int) -> dict[str, Any]:
         out = {}

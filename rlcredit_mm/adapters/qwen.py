@@ -10,7 +10,7 @@ from torch import Tensor
 
 from rlcredit.errors import AdapterError
 from rlcredit.registry import register
-from rlcredit_mm.adapters.base import ImageFn, _BaseAdapter, config_of
+from rlcredit_mm.adapters.base import ImageFn, _BaseAdapter, _without_raw, config_of
 
 __all__ = ["QwenVLAdapter", "Qwen2VLAdapter", "Qwen25VLAdapter"]
 
@@ -51,7 +51,7 @@ class QwenVLAdapter(_BaseAdapter):
                                       getattr(config, "vision_end_token_id", None)) if t is not None)
 
     def prepare_inputs(self, inputs: dict[str, Any], model: Any) -> dict[str, Any]:
-        out = dict(inputs)
+        out = _without_raw(inputs)
         multimodal = out.get("image_grid_thw") is not None or out.get("video_grid_thw") is not None
         if multimodal and out.get("mm_token_type_ids") is None:
             config = config_of(model)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from rlcredit.errors import AdapterError
 from rlcredit.registry import register
-from rlcredit_mm.adapters.base import HALF_MEAN, HALF_STD, ImageFn, _BaseAdapter, config_of
+from rlcredit_mm.adapters.base import HALF_MEAN, HALF_STD, ImageFn, _BaseAdapter, _without_raw, config_of
 
 __all__ = ["StackedImagesAdapter", "LlavaAdapter", "Gemma3Adapter"]
 
@@ -51,7 +51,7 @@ class StackedImagesAdapter(_BaseAdapter):
         return (per_row * n) // total
 
     def prepare_inputs(self, inputs: dict[str, Any], model: Any) -> dict[str, Any]:
-        out = dict(inputs)
+        out = _without_raw(inputs)
         px = out.get(self.pixel_key)
         if px is None or self.type_ids_key is not None:
             return out
@@ -148,7 +148,7 @@ class Gemma3Adapter(StackedImagesAdapter):
         return tuple(int(t) for t in (config.boi_token_id, config.eoi_token_id) if t is not None)
 
     def prepare_inputs(self, inputs: dict[str, Any], model: Any) -> dict[str, Any]:
-        out = dict(inputs)
+        out = _without_raw(inputs)
         if out.get(self.pixel_key) is not None and out.get("token_type_ids") is None:
             out["token_type_ids"] = self.image_token_mask(out["input_ids"], config_of(model)).long()
         return out
