@@ -18,11 +18,14 @@ from rlcredit.validators import in_range, one_of, to_component
 from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.rollout import Rollout
+from rlcredit_mm.images import perturb_raw_images, raw_images_of
 from rlcredit_mm.perturb import PatchBlackout
 
-__all__ = ["VisualKL", "ESTIMATES"]
+__all__ = ["VisualKL", "ESTIMATES", "K3_FORMS", "STAGES"]
 
 ESTIMATES = ("k3", "exact", "fused")
+K3_FORMS = ("expm1", "exp")
+STAGES = ("pixels", "image")
 
 _MODEL = AllOf(POLICY, Field("model_inputs"))
 _K3_REQUIRES = (AnyOf(AllOf(Signal("aug_logprobs"), Field("old_logprobs")), _MODEL),)
@@ -40,7 +43,10 @@ class VisualKL:
         d_t = clamp(log pi_old(y_t | s_t, I') - log pi_old(y_t | s_t, I), -20, 20)
         S_t = clamp(exp(d_t) - d_t - 1, 0, 10)
 
-    with ``log pi_old(y | I)`` = ``rollout.old_logprobs`` (else the policy's) and
+    computed in float32 as ``expm1(d) - d`` (``k3_form="expm1"``: accurate for small ``d``, never
+    negative) or, ``k3_form="exp"``, as the released code does, ``exp(d) - d - 1`` (for
+    ``|d| ~ 1e-3`` it is quantised to multiples of ``~6e-8`` and often clamped from below to 0,
+    which changes which low-score tokens TGF keeps), with ``log pi_old(y | I)`` = ``rollout.old_logprobs`` (else the policy's) and
     ``log pi_old(y | I')`` = ``rollout.signals["aug_logprobs"]`` when a trainer precomputed it
     (then no model is needed), else the policy's forward on the perturbed inputs.
 
@@ -52,7 +58,14 @@ class VisualKL:
     materialising either run's logits (not for models with final-logit soft-capping: use
     ``"exact"``).
 
-    The perturbed forward reuses every input but the pixels (``drop`` also masks the image
+    Where ``I'`` is made (``stage``): ``"pixels"`` perturbs the processor's output (normalised
+    pixels, squares aligned to the ViT patches); ``"image"`` perturbs each raw image, as
+    ``perturbation.apply_pil``, before the image processor, as VPPO's released code does (its 14-px
+    squares then straddle the patches once the processor resizes), and re-runs the processor: it
+    needs ``rollout.model_inputs["raw_images"]``, a ``rlcredit_mm.images.RawImages`` (each row's
+    images as given to the processor, and the processor), which no forward sees.
+
+    The perturbed forward reuses every input but the image inputs (``drop`` also masks the image
     tokens); the perturbation runs on one row chunk at a time through ``HFPolicy``'s
     ``transform``, so only one chunk of perturbed pixels is ever on the device. Random
     perturbations are seeded per row from ``(seed, hash of its token ids)``: the same row gets the
@@ -65,11 +78,14 @@ class VisualKL:
             (``{"name": "patch_blackout", "p": 0.6}``) or a perturbation object.
         temperature: the sampling temperature, applied to the policy's logits (> 0); it should be
             the one behind ``old_logprobs``.
+        k3_form: ``"expm1"`` or ``"exp"`` (the released code's float32 rounding); ``k3`` only.
+        stage: ``"pixels"`` (after the image processor) or ``"image"`` (before it, from
+            ``model_inputs["raw_images"]``; the perturbation needs a PIL form).
 
     Requires:
         ``k3``: ``signals["aug_logprobs"]`` and ``old_logprobs``, or a policy
         (``rlcredit.HFPolicy`` of a VLM) and ``model_inputs``. ``exact``/``fused``: a policy and
-        ``model_inputs``.
+        ``model_inputs``. ``stage="image"`` with a policy: ``model_inputs["raw_images"]`` too.
 
     Returns:
         ``[B, T]`` float32 scores >= 0, 0 on padding.
@@ -82,6 +98,10 @@ class VisualKL:
         ...                      signals={"aug_logprobs": torch.tensor([[-1.0, -1.0, 0.0]])})
         >>> VisualKL()(r)  # d = (0, 1): S = (0, e - 2)
         tensor([[0.0000, 0.7183, 0.0000]])
+        >>> r = rlcredit.Rollout(torch.ones(1, 2, dtype=torch.bool), torch.tensor([1.0]), torch.tensor([0]),
+        ...                      old_logprobs=torch.zeros(1, 2), signals={"aug_logprobs": torch.tensor([[5e-4, -5e-4]])})
+        >>> VisualKL()(r) * 1e7, VisualKL(k3_form="exp")(r) * 1e7  # d^2 / 2 = 1.25e-7; exp(d) rounds in float32
+        (tensor([[1.2503, 1.2497]]), tensor([[1.1921, 1.1921]]))
         >>> [r.describe()[:8] for r in VisualKL(estimate="exact", perturbation={"name": "patch_blackout", "p": 0.6}).requires]
         ['a policy']
     """
@@ -89,6 +109,8 @@ class VisualKL:
     estimate: str = attrs.field(default="k3", validator=one_of(*ESTIMATES))
     perturbation: Any = attrs.field(factory=PatchBlackout, converter=to_component("perturbation"))
     temperature: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
+    k3_form: str = attrs.field(default="expm1", validator=one_of(*K3_FORMS))
+    stage: str = attrs.field(default="pixels", validator=one_of(*STAGES))
 
     extras = ()
 
@@ -97,6 +119,17 @@ class VisualKL:
             raise SpecError(
                 f"VisualKL.perturbation must be callable as perturbation(inputs, model, adapter=...), got "
                 f"{type(self.perturbation).__name__}; use a registered name such as 'patch_blackout'."
+            )
+        if self.k3_form != "expm1" and self.estimate != "k3":
+            raise SpecError(
+                f"VisualKL.k3_form={self.k3_form!r} sets how the k3 estimate is rounded; estimate={self.estimate!r} "
+                f"computes a full-vocabulary KL. Drop k3_form or use estimate='k3'."
+            )
+        if self.stage == "image" and (not callable(getattr(self.perturbation, "apply_pil", None))
+                                      or type(self.perturbation).__name__ == "Drop"):
+            raise SpecError(
+                f"VisualKL(stage='image') perturbs raw PIL images, which {type(self.perturbation).__name__} cannot "
+                f"(no apply_pil form); use stage='pixels' or a perturbation such as 'patch_blackout'."
             )
 
     @property
@@ -133,8 +166,15 @@ class VisualKL:
             )
         return policy
 
-    def _transform(self, policy: Any):
+    def _transform(self, policy: Any, rollout: Rollout):
         perturbation, model, adapter = self.perturbation, policy.model, policy.adapter
+        if self.stage == "image":
+            raw = raw_images_of(rollout.model_inputs, rollout.batch_size, "visual_kl(stage='image')")
+
+            def from_raw(chunk: dict[str, Any], rows: slice) -> dict[str, Any]:
+                return perturb_raw_images(chunk, raw, rows, perturbation, adapter)
+
+            return from_raw
 
         def transform(chunk: dict[str, Any], rows: slice) -> dict[str, Any]:
             return perturbation(chunk, model, adapter=adapter)
@@ -150,7 +190,7 @@ class VisualKL:
             inputs = dict(rollout.model_inputs)
             if aug is None:
                 aug = policy.response_stats(inputs, mask, temperature=self.temperature,
-                                            transform=self._transform(policy)).logprobs
+                                            transform=self._transform(policy, rollout)).logprobs
             if base is None:
                 base = policy.response_stats(inputs, mask, temperature=self.temperature).logprobs
         if aug.shape != mask.shape:
@@ -159,6 +199,9 @@ class VisualKL:
                 f"tokens with the perturbed image, got {list(aug.shape)}."
             )
         aug, base = aug.to(mask.device).float(), base.to(mask.device).float()
+        if self.k3_form == "exp":  # the released expression (dp_actor.py L403-405), op for op
+            d = (aug - base).clamp(-20.0, 20.0)
+            return (d.exp() - d - 1).clamp(0.0, 10.0).mul_(rollout.float_mask)
         # k3_kl clamps d = aug - base to [-20, 20] before exp (a -inf log-prob stays finite); VPPO
         # then caps the score at 10. Both inputs are finite everywhere (the rollout checks its
         # tensors, the policy gives 0 on padding), so the product with the 0/1 mask zeroes padding
@@ -176,7 +219,7 @@ class VisualKL:
         inputs = dict(rollout.model_inputs)
         if policy.adapter is not None and hasattr(policy.adapter, "prepare_inputs"):
             inputs = policy.adapter.prepare_inputs(inputs, policy.model)  # row slicing may rely on it
-        transform = self._transform(policy)
+        transform = self._transform(policy, rollout)
         B = mask.shape[0]
         step = policy.rows_per_chunk
         parts = []

@@ -90,7 +90,7 @@ def test_k3_hand_computed_clamps():
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl", "gemma3"])
 def test_k3_through_the_policy_equals_the_formula_on_naive_forwards(arch):
     model, _ = vlm(arch)
     inputs, mask = batch(arch)
