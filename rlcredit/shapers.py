@@ -235,11 +235,6 @@ class DependencyScale:
                 "DependencyScale.mean_scope only applies to the mean-preserving form (beta_max=None); the bounded "
                 f"form (beta_max={self.beta_max!r}) has no mean. Drop mean_scope or set beta_max=None."
             )
-        if isinstance(self.scope, int) and isinstance(self.mean_scope, int) and self.scope % self.mean_scope:
-            raise SpecError(
-                f"DependencyScale.mean_scope ({self.mean_scope}) must divide scope ({self.scope}) when both are row "
-                f"chunks (micro-batches inside mini-batches), or a mean chunk would straddle two min/max chunks."
-            )
         if self.beta_max is not None and self.mean_eps is not None:
             raise SpecError(
                 "DependencyScale.mean_eps only applies to the mean-preserving form (beta_max=None); the bounded "

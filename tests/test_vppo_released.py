@@ -150,7 +150,6 @@ def test_vppo_released_composition_and_spec():
     (lambda: TopFraction(0.4, count="float64"), "count"),
     (lambda: DependencyScale(beta_max=1.1, mean_eps=1e-8), "mean_eps only applies"),
     (lambda: DependencyScale(mean_eps=0.0), "mean_eps"),
-    (lambda: DependencyScale(scope=128, mean_scope=24), "divide"),
     (lambda: rlcredit.build({"estimators": {"v": {"name": "visual_kl", "estimate": "exact", "k3_form": "exp"}}}),
      "k3_form='exp' sets how the k3 estimate is rounded"),
     (lambda: rlcredit.build({"estimators": {"v": {"name": "visual_kl", "stage": "image", "perturbation": "drop"}}}),

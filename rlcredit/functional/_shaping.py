@@ -184,11 +184,6 @@ def dependency_scale(
     _check_scope(fn, "scope", scope)
     mean_scope = scope if mean_scope is None else mean_scope
     _check_scope(fn, "mean_scope", mean_scope)
-    if isinstance(scope, numbers.Integral) and isinstance(mean_scope, numbers.Integral) and scope % mean_scope:
-        raise RLCreditError(
-            f"{fn}: `mean_scope` ({mean_scope}) must divide `scope` ({scope}) when both are row chunks "
-            f"(micro-batches inside mini-batches), or a mean chunk would straddle two min/max chunks."
-        )
     if "group" in (scope, mean_scope):
         if group_ids is None:
             raise RLCreditError(
