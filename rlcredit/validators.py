@@ -161,7 +161,7 @@ def to_component(kind: str):
         ... class Wrap:
         ...     part: object = attrs.field(converter=to_component("weighter"))
         >>> Wrap({"name": "top_fraction", "fraction": 0.5}).part
-        TopFraction(fraction=0.5, scope='sequence', score=None)
+        TopFraction(fraction=0.5, scope='sequence', score=None, count='exact')
     """
 
     def convert(spec: Any) -> Any:

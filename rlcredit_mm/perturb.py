@@ -8,7 +8,8 @@ A perturbation is a frozen, registered (kind ``"perturbation"``) object with two
   layout (Qwen's flattened patches are unflattened and re-flattened), so each perturbation is
   written once. Only the pixels change (``drop`` also masks the image tokens).
 - ``perturbation.apply_pil(image, seed=0) -> image``: on a PIL image before processing, in
-  ``[0, 1]`` intensities (black is 0), as VPPO's released code does.
+  ``[0, 1]`` intensities (black is 0), as VPPO's released code does; ``VisualKL(stage="image")``
+  applies it to each raw image and re-runs the image processor (``rlcredit_mm.images``).
 
 Random perturbations draw from a counter-based generator (splitmix64 on int64 tensors): every
 number is a pure function of ``(seed, hash of the row's attended token ids, image index, pixel
@@ -252,9 +253,10 @@ class PatchBlackout(_PixelPerturbation):
 
     VPPO (Huang et al. 2025, arXiv 2510.09285, released code): every 14x14 pixel square is set to
     black with p = 0.5, a fresh mask per rollout (PAPO, arXiv 2507.06448, uses p = 0.6). Squares
-    are aligned to the model's patch grid (its adapter's ``patch_size``: 14 for Qwen2/2.5-VL);
-    a partial square at the right/bottom edge is one square. Black is the processor's
-    ``(0 - mean) / std``.
+    are aligned to the model's patch grid (its adapter's ``patch_size``: 14 for Qwen2/2.5-VL, 16
+    for Qwen3-VL); a partial square at the right/bottom edge is one square. Black is the
+    processor's ``(0 - mean) / std``. On PIL images (``apply_pil``, ``VisualKL(stage="image")``)
+    the squares are 14 px from the top-left corner, as in the released code, whatever the model.
 
     ``I'[c, y, x] = black[c] if u[key, (y // s) * ceil(W / s) + x // s] < p else I[c, y, x]``
 
