@@ -137,3 +137,21 @@ def test_token_match_in_a_strategy_needs_response_ids():
         s.assign(rlcredit.Rollout(mask, torch.tensor([1.0, 0.0]), torch.tensor([0, 0])))
     assert rlcredit.build(s.to_spec()) == s and s.to_spec()["estimators"]["planning"]["ids"] == [8]
     assert math.isclose(s.assign(r).metrics["kept_fraction"].item(), 2 / 5, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("H", [[0.0, 1e-38, 3e-38], [1e30, 0.0, 1e-30], [1e-30, 1e-30, 1e-30]])
+def test_extreme_entropies_stay_finite(H):
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    r = rlcredit.Rollout(mask, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+    scores = {"entropy": torch.tensor([H, [5.0, float("nan"), float("inf")]])}  # garbage on padding
+    for shaper in (GTPO(beta=1.0), EntropyAdvantage(alpha=10.0)):
+        out = shaper(torch.tensor([1e6, -1e6]), scores, r)
+        assert torch.isfinite(out).all() and torch.equal(out[~mask], torch.zeros(2))
+
+
+def test_available_lists_every_second_wave_component():
+    listing = rlcredit.available()
+    assert {"cispo", "sapo", "gmpo", "kl_cov", "clip_cov", "papo"} <= set(listing["loss"])
+    assert {"gtpo", "entropy_advantage"} <= set(listing["shaper"])
+    assert "token_match" in listing["estimator"]
+    assert {"cispo", "sapo", "gmpo", "kl_cov", "clip_cov", "papo", "gtpo", "entropy_advantage"} <= set(listing["strategy"])

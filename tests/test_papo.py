@@ -236,3 +236,16 @@ def test_masked_logprobs_have_gradient_and_drive_the_papo_preset(qwen):
     assert vision and any(bool((g != 0).any()) for g in vision)  # the perception term reaches the vision tower
     model.zero_grad()
     model.eval()
+
+
+def test_padding_gets_no_gradient_and_extremes_stay_finite():
+    r, logp, masked = _batch()
+    pad = ~r.response_mask
+    credit = rlcredit.build("papo").assign(r)
+    for gap in (0.0, 1e4, -1e4):  # masked - logp far beyond the clamp and the cap
+        lp = torch.where(pad, float("nan"), logp).requires_grad_(True)
+        m = torch.where(pad, float("inf"), logp + gap).requires_grad_(True)
+        out = PAPO(surrogate="cispo", gamma=1.0, eta=0.5)(lp, r, credit, aux={"masked_logprobs": m})
+        g_lp, g_m = _grads(out.loss, lp, m)
+        assert torch.isfinite(out.loss) and torch.isfinite(g_lp).all() and torch.isfinite(g_m).all()
+        assert not bool(g_lp[pad].any()) and not bool(g_m[pad].any())

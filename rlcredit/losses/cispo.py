@@ -37,6 +37,10 @@ class CISPO:
     the denominators count all valid tokens (``renormalize=True``: ``sum w``). Without
     ``rollout.old_logprobs`` the update is on-policy (``rho = 1``).
 
+    Shapes:
+        ``logprobs [B, T]`` (current policy, with grad), ``rollout.old_logprobs [B, T]``,
+        ``credit.advantages [B]`` or ``[B, T]``, ``credit.token_weights [B, T]``; a scalar loss.
+
     Args:
         clip_low: ``eps_low`` in ``[0, 1)``, or None for no lower bound (the paper, TRL).
         clip_high: ``eps_high >= 0``: the weight is capped at ``1 + clip_high``.

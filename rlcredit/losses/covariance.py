@@ -76,6 +76,10 @@ class KLCov:
     covariance from ``w * A`` instead: equal for uniform weights.) ``ppo_kl_coef = 1.0`` is the
     paper's and verl's function default (verl's config default is 0.1).
 
+    Shapes:
+        ``logprobs [B, T]`` (current policy, with grad), ``rollout.old_logprobs [B, T]``,
+        ``credit.advantages [B]`` or ``[B, T]``, ``credit.token_weights [B, T]``; a scalar loss.
+
     Args:
         kl_cov_ratio: share of valid tokens penalised, in ``(0, 1]`` (paper 2e-4).
         ppo_kl_coef: coefficient ``>= 0`` of ``|logp - logp_old|`` on them.
@@ -149,6 +153,10 @@ class ClipCov:
     called on (a micro-batch under ``totals=``, as in verl). **Token weights** ``w`` enter as
     ``c_t = w_t * scale`` (``rlcredit.functional.loss_coefficients``): each token's loss times
     its weight; candidates and the covariance use every valid token, whatever its weight.
+
+    Shapes:
+        ``logprobs [B, T]`` (current policy, with grad), ``rollout.old_logprobs [B, T]``,
+        ``credit.advantages [B]`` or ``[B, T]``, ``credit.token_weights [B, T]``; a scalar loss.
 
     Args:
         clip_cov_ratio: share of valid tokens to cut, in ``(0, 1]`` (paper 2e-4).

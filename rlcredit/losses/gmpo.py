@@ -41,6 +41,10 @@ class GMPO:
     multiplied by ``w_t``; ``rho_i`` itself always averages over all valid tokens. ``B`` counts
     every row (empty rows add 0). Without ``rollout.old_logprobs`` the update is on-policy.
 
+    Shapes:
+        ``logprobs [B, T]`` (current policy, with grad), ``rollout.old_logprobs [B, T]``,
+        ``credit.advantages [B]`` or ``[B, T]``, ``credit.token_weights [B, T]``; a scalar loss.
+
     Args:
         clip_low: ``eps_low >= 0``, the log-ratio floor ``-clip_low`` for ``A < 0`` (paper 0.4:
             ratios in ``(e^-0.4, e^0.4)``).

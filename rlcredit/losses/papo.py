@@ -57,6 +57,10 @@ class PAPO:
     ``rollout.signals["aug_logprobs"]``, computed once per batch by the old policy without
     gradient, so only ``logp`` is pushed and the masked entropy term is a constant.
 
+    Shapes:
+        ``logprobs [B, T]`` and ``aux["masked_logprobs"] [B, T]`` (current policy, with grad),
+        ``credit.advantages [B]`` or ``[B, T]``, ``credit.token_weights [B, T]``; a scalar loss.
+
     Args:
         surrogate: the policy loss it adds to (any registered loss or spec; default
             ``clipped_surrogate``: PAPO-G; DAPO's clip 0.2/0.28: PAPO-D).

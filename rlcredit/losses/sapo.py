@@ -35,6 +35,10 @@ class SAPO:
     ``rlcredit.functional.loss_coefficients`` (each token's loss times its weight; denominators
     count all valid tokens). Without ``rollout.old_logprobs`` the update is on-policy.
 
+    Shapes:
+        ``logprobs [B, T]`` (current policy, with grad), ``rollout.old_logprobs [B, T]``,
+        ``credit.advantages [B]`` or ``[B, T]``, ``credit.token_weights [B, T]``; a scalar loss.
+
     Args:
         tau_pos: temperature for tokens with ``A > 0`` (> 0; paper 1.0).
         tau_neg: temperature for tokens with ``A <= 0`` (> 0; paper 1.05).
