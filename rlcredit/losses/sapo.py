@@ -18,7 +18,7 @@ __all__ = ["SAPO"]
 @register("loss", "sapo")
 @attrs.frozen
 class SAPO:
-    """SAPO: soft-gated policy optimisation (Gao et al. 2025, arXiv 2511.20347).
+    """SAPO: soft-gated policy optimisation (Qwen team 2025, arXiv 2511.20347).
 
     *Soft Adaptive Policy Optimization* (Qwen team). With ``rho = exp(clamp(logp - logp_old, -20,
     20))`` (with gradient) and a temperature by the sign of the advantage::
