@@ -22,7 +22,7 @@ from rlcredit.requirements import Requirement, Score
 from rlcredit.rollout import Rollout
 from rlcredit.validators import in_range, is_bool, optional_str
 
-__all__ = ["AdvantageShaper", "GroupNormalize", "GroupCenter", "LeaveOneOut", "DependencyScale"]
+__all__ = ["AdvantageShaper", "GroupNormalize", "GroupCenter", "LeaveOneOut", "DependencyScale", "BatchNormalize"]
 
 
 @runtime_checkable
@@ -363,3 +363,46 @@ class EntropyAdvantage:
         adv = _token_advantages(advantages, mask)
         bonus = torch.minimum(self.alpha * h, adv.abs() / self.kappa)
         return torch.where(mask, adv + bonus, torch.zeros((), device=mask.device))
+
+
+@register("shaper", "batch_normalize")
+@attrs.frozen
+class BatchNormalize:
+    """Batch standardisation: ``A_i = (A_i - mean_b A) / (std_b A + eps)``, over every rank's rows.
+
+    ``rlcredit.functional.batch_normalize`` on the chain's trajectory advantages ``[B]``, with the
+    batch statistics spanning all ranks through the ``reducer``. ``center=False`` only divides by
+    the batch std. Two uses (TRL 1.16):
+
+    - ``[batch_normalize(center=False, eps=1e-4), group_center]`` is TRL's
+      ``scale_rewards="batch"``: ``(r_i - mean_g r) / (std_b r + 1e-4)`` (arXiv 2508.08221).
+    - ``[leave_one_out, batch_normalize(eps=1e-4)]`` is ``RLOOTrainer`` with
+      ``normalize_advantages=True``.
+
+    Args:
+        center: subtract the batch mean (True) or only divide by the batch std (False).
+        eps: ``>= 0`` added to the std (TRL: 1e-4).
+        unbiased: Bessel-corrected std (TRL uses it).
+
+    Returns:
+        ``[B]`` float32.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> r = rlcredit.Rollout(torch.ones(4, 1, dtype=torch.bool), torch.tensor([1.0, 0.0, 1.0, 1.0]),
+        ...                      torch.tensor([0, 0, 1, 1]))
+        >>> s = rlcredit.Strategy(shapers=[{"name": "batch_normalize", "center": False, "eps": 1e-4}, "group_center"])
+        >>> s.assign(r).advantages  # (r - group mean) / (batch std 0.5 + 1e-4): TRL's scale_rewards="batch"
+        tensor([ 0.9998, -0.9998,  0.0000,  0.0000])
+    """
+
+    center: bool = attrs.field(default=True, validator=is_bool)
+    eps: float = attrs.field(default=1e-6, validator=in_range(0.0))
+    unbiased: bool = attrs.field(default=True, validator=is_bool)
+
+    requires = ()
+
+    def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
+                 reducer: Reducer | None = None) -> Tensor:
+        adv = _trajectory(advantages, "batch_normalize")
+        return F.batch_normalize(adv, center=self.center, eps=self.eps, unbiased=self.unbiased, reducer=reducer)
