@@ -219,17 +219,23 @@ def test_vanilla_policy_loss_fn_itself(monkeypatch):
     assert all(abs(float(m_mine[k]) - m_theirs[k]) <= 1e-6 for k in m_theirs)
 
 
-@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "token-mean"])
-def test_gspo_follows_the_actor_config_and_equals_verls_gspo(mode, monkeypatch):
-    """The gspo loss sets no value explicitly: verl's clip range and loss_agg_mode run, as in loss_mode=gspo."""
-    monkeypatch.setenv("RLCREDIT_STRATEGY", '{"policy_loss": "gspo"}')
+@pytest.mark.parametrize("spec,mode", [('{"policy_loss": "gspo"}', "seq-mean-token-mean"),
+                                       ('{"policy_loss": {"name": "gspo", "aggregation": "token_mean"}}', "token-mean")])
+def test_gspo_equals_verls_gspo_with_the_matching_actor_config(spec, mode, monkeypatch):
+    """The gspo loss (GSPO's clip range, explicit) == verl's loss_mode=gspo with the same actor config."""
+    import warnings
+
+    monkeypatch.setenv("RLCREDIT_STRATEGY", spec)
+    monkeypatch.setattr(_actor, "_WARNED", set())
     old, logp, adv, mask = _batch(11)
     logp = (old + (logp.detach() - old) * 4e-3).requires_grad_(True)  # sequence ratios around 1 +- 1e-3
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(4)) * 2
     results = {}
     for loss_mode in ("rlcredit", "gspo"):
         config = _actor_config(loss_mode, clip_ratio_low=3e-4, clip_ratio_high=4e-4, loss_agg_mode=mode)
-        loss, metrics = verl_core.get_policy_loss_fn(loss_mode)(old, logp, adv, mask, mode, config, weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the actor config agrees with the loss: no warning
+            loss, metrics = verl_core.get_policy_loss_fn(loss_mode)(old, logp, adv, mask, mode, config, weights)
         results[loss_mode] = (loss, torch.autograd.grad(loss, logp)[0], metrics)
     (mine, g_mine, m_mine), (theirs, g_theirs, m_theirs) = results["rlcredit"], results["gspo"]
     torch.testing.assert_close(mine, theirs.float(), rtol=1e-5, atol=1e-6)

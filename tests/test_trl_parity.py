@@ -15,6 +15,7 @@ pytest.importorskip("trl")  # the `trl` extra is optional for the core
 from trl import GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 import rlcredit  # noqa: E402
+import rlcredit.losses  # noqa: E402
 from rlcredit import functional as F  # noqa: E402
 from rlcredit.integrations.trl import CreditGRPOTrainer, check_trl_args, scale_rewards_for  # noqa: E402
 from rlcredit.integrations.trl import trl_config_kwargs  # noqa: E402
@@ -158,6 +159,21 @@ def test_delta_is_the_dual_clip(base_model, tokenizer, dataset, tmp_path):
     trainer.args.delta = None  # without delta TRL's loss is another number: the comparison above is not vacuous
     loss_plain, _ = loss_and_grads(trainer, out)
     assert abs(float(loss_plain - loss_trl)) > 1e-3
+
+
+def test_a_small_delta_is_another_clip(base_model, tokenizer, dataset, tmp_path):
+    """delta <= 1 + epsilon_high (warned by check_trl_args): TRL then equals rlcredit's clip_high = delta - 1
+    with dual_clip = 1 + epsilon_high, the documented difference."""
+    trainer = _trainer(base_model, tokenizer, dataset, tmp_path, loss_type="dapo", epsilon_high=0.28, delta=1.1)
+    out = generate(trainer)
+    out["old_per_token_logps"] = _perturbed(trainer, out, 1.0, seed=8)
+    loss_trl, grads_trl = loss_and_grads(trainer, out)
+    swapped = rlcredit.losses.ClippedSurrogate(clip_high=0.1, dual_clip=1.28)
+    loss_ours, grads_ours = _rlcredit_loss_and_grads(trainer, out, swapped, out["completion_mask"].float())
+    torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads_ours, grads_trl, rtol=1e-4, atol=1e-7)
+    spec = rlcredit.build({"policy_loss": {"name": "clipped_surrogate", "clip_high": 0.28, "dual_clip": 1.1}})
+    assert [m.split(":")[0] for m in check_trl_args(spec, trainer.args)] == ["dual clip"]
 
 
 # --- the KL term, with and without TRL's bias correction ------------------------------------------

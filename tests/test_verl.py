@@ -344,8 +344,10 @@ def test_explicit_strategy_values_win_and_warn_once_naming_both():
     with pytest.warns(UserWarning, match="max_length=8.*loss_scale_factor=16"):
         V.verl_policy_loss({"policy_loss": {"name": "clipped_surrogate", "aggregation": "seq_mean_token_sum_norm",
                                             "max_length": 8}}, {"loss_scale_factor": 16})
-    gspo = V.verl_policy_loss({"policy_loss": "gspo"}, {"clip_ratio": 0.2})  # gspo: no dual clip, verl's clip
-    assert (gspo.clip_low, gspo.clip_high, gspo.aggregation) == (0.2, 0.2, "token_mean")
+    with pytest.warns(UserWarning, match="clip_low=0.0003"):  # gspo's own clip range counts as explicit
+        gspo = V.verl_policy_loss({"policy_loss": "gspo"}, {"clip_ratio": 0.2})
+    assert (gspo.clip_low, gspo.clip_high, gspo.aggregation) == (3e-4, 4e-4, "seq_mean_token_mean")
+    assert not hasattr(gspo, "dual_clip")  # like verl's loss_mode=gspo: no dual clip
 
 
 @given(inputs=loss_inputs())

@@ -191,8 +191,8 @@ def _check_loss_form(loss: ClippedSurrogate, args: Any, loss_type: str, strategy
     elif clipped and delta is not None and not float(delta) > 1.0 + eps_high:
         msgs.append(
             f"dual clip: GRPOConfig.delta={delta} <= 1 + epsilon_high = {1.0 + eps_high}: TRL's cap on the ratio "
-            f"equals the dual clip min(l, -delta A) only for delta > 1 + epsilon_high (below, it caps the ratio of "
-            f"positive advantages instead); raise dual_clip."
+            f"equals the dual clip min(l, -delta A) only for delta > 1 + epsilon_high (below, it dual-clips at "
+            f"1 + epsilon_high and clips positive advantages at delta); raise dual_clip."
         )
     level = getattr(args, "importance_sampling_level", "token")
     if level != loss.ratio:

@@ -47,9 +47,9 @@ def verl_policy_loss(credit: Any = None, config: Any = None, loss_agg_mode: str 
 
     For a ``clipped_surrogate`` (or ``gspo``) loss, each hyper-parameter verl's actor config also
     sets runs with **verl's value unless the strategy sets it explicitly**; a value counts as
-    explicit when it differs from the field's default (``attrs.fields(type(loss))``), so the
-    ``dapo`` preset's ``clip_high=0.28`` and ``dr_grpo``'s ``seq_mean_token_sum_norm`` are
-    explicit, ``grpo``'s clip range is not. The mapping: ``clip_low`` <- ``clip_ratio_low``
+    explicit when it differs from ``clipped_surrogate``'s default (``attrs.fields``), so the
+    ``dapo`` preset's ``clip_high=0.28``, ``dr_grpo``'s ``seq_mean_token_sum_norm`` and the
+    ``gspo`` loss's clip range and aggregation are explicit, ``grpo``'s clip range is not. The mapping: ``clip_low`` <- ``clip_ratio_low``
     (else ``clip_ratio``), ``clip_high`` <- ``clip_ratio_high`` (else ``clip_ratio``),
     ``dual_clip`` <- ``clip_ratio_c`` (verl's ``vanilla`` always applies its dual clip, default
     3.0; ``gspo`` has no dual clip), ``aggregation`` <- ``loss_agg_mode``; ``max_length`` left
@@ -92,7 +92,10 @@ def verl_policy_loss(credit: Any = None, config: Any = None, loss_agg_mode: str 
                 f"follow loss_agg_mode. Set actor.loss_agg_mode={_VERL_MODES.get(aggregation)} to match."
             )
         return loss
-    defaults = {f.name: f.default for f in attrs.fields(type(loss))}
+    # Explicit = different from the clipped surrogate's defaults: a `gspo` loss is a clipped surrogate
+    # that sets GSPO's clip range and aggregation, as the `dapo` preset sets its clip_high.
+    fields = {f.name for f in attrs.fields(type(loss))}
+    defaults = {f.name: f.default for f in attrs.fields(ClippedSurrogate) if f.name in fields}
     overrides: dict[str, Any] = {}
     sources: list[str] = []
     for name, (value, key) in _actor_values(config, loss_agg_mode).items():
