@@ -23,6 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.trainer.utils import nanstd  # noqa: E402
 
 import rlcredit  # noqa: E402
 from rlcredit.errors import RegistryError, SpecError  # noqa: E402
@@ -334,8 +335,15 @@ def _two_process_worker(rank, world, port, queue):
             rollout = self.last_rollout
             # TRL's own rule on the same entropies, gathered across the two processes (a collective).
             trl_mask = self.get_high_entropy_mask(rollout.signals["entropy"], rollout.response_mask.long(), 0.8)
+            # TRL's scale_rewards="batch" divisor (its nanstd of the gathered rewards) vs batch_normalize across
+            # the two processes through the trainer's reducer.
+            gathered = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)
+            trl_batch = (gathered / (nanstd(gathered) + 1e-4))[rank * 6:(rank + 1) * 6]
+            ours_batch = rlcredit.functional.batch_normalize(rollout.rewards, center=False, eps=1e-4,
+                                                            reducer=self._credit_reducer_handle())
             queue.put((rank, rollout.group_ids.tolist(), trl_advantages.tolist(), folded.tolist(),
-                       trl_mask.tolist(), (self.last_credit.token_weights > 0).tolist()))
+                       trl_mask.tolist(), (self.last_credit.token_weights > 0).tolist(), trl_batch.tolist(),
+                       ours_batch.tolist()))
             return folded
 
     args = GRPOConfig(output_dir=f"{os.environ.get('TMPDIR', '/tmp')}/rlcredit-trl-mp{rank}",
@@ -356,8 +364,9 @@ def _two_process_worker(rank, world, port, queue):
 
 @pytest.mark.slow
 def test_two_processes_split_groups_and_batch_quantile():
-    """With 2 processes (gloo), a group split across them is normalised whole, as TRL does, and the
-    batch-scope entropy quantile spans both, as TRL's get_high_entropy_mask does."""
+    """With 2 processes (gloo), a group split across them is normalised whole, as TRL does, the
+    batch-scope entropy quantile spans both, as TRL's get_high_entropy_mask does, and batch_normalize's
+    std spans both, as TRL's scale_rewards="batch"."""
     import socket
 
     import torch.multiprocessing as mp
@@ -373,6 +382,7 @@ def test_two_processes_split_groups_and_batch_quantile():
         results[rank] = [torch.tensor(x) for x in rest[1:]] + [rest[0]]
     assert sorted(results) == [0, 1], f"expected one record per rank, got ranks {sorted(results)}"
     assert results[0][-1] == [0, 0, 0, 0, 1, 1] and results[1][-1] == [1, 1, 2, 2, 2, 2]  # group 1 is split
-    for trl_advantages, folded, trl_mask, kept, _ in results.values():
+    for trl_advantages, folded, trl_mask, kept, trl_batch, ours_batch, _ in results.values():
         assert torch.equal(kept, trl_mask)
+        torch.testing.assert_close(ours_batch, trl_batch, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(folded, trl_advantages.unsqueeze(1) * trl_mask, rtol=1e-6, atol=1e-7)
