@@ -13,7 +13,7 @@ from rlcredit.errors import SpecError
 from rlcredit.functional import Totals
 from rlcredit.integrations.verl._actor import verl_policy_loss
 from rlcredit.integrations.verl._strategy import _VERL_MODES, AGG_MODES, _get, resolve_strategy
-from rlcredit.losses import GSPO
+from rlcredit.losses import GSPO, ClippedSurrogate
 from rlcredit.rollout import Credit, Rollout
 
 __all__ = ["aggregate", "compute_policy_loss", "verl_totals"]
@@ -135,9 +135,13 @@ def _check_loss(loss: Any) -> Any:
     return loss
 
 
-def _verl_metrics(loss: Any, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
-                  mask: Tensor) -> dict[str, Tensor]:
-    """verl 0.9.1's pg metrics, its formulas: ``vanilla``'s for a token ratio, ``gspo``'s for a sequence ratio."""
+def _verl_metrics(loss: Any, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mask: Tensor,
+                  own: Any) -> dict[str, Tensor]:
+    """verl 0.9.1's pg metrics, its formulas: ``vanilla``'s for a token ratio, ``gspo``'s for a sequence ratio.
+
+    Other losses (``cispo``, ``sapo``...) report the same three keys: ``ppo_kl`` as ``vanilla``, their own
+    ``clip_fraction`` (0 without one) as ``pg_clipfrac``, and 0 as ``pg_clipfrac_lower`` (no dual clip).
+    """
     with torch.no_grad():
         m = mask.float()
         zero = torch.zeros((), device=m.device)
@@ -147,6 +151,10 @@ def _verl_metrics(loss: Any, log_prob: Tensor, old_log_prob: Tensor, advantages:
 
         log_ratio = torch.where(mask, log_prob.detach().float() - old_log_prob.float(), zero)
         adv = torch.where(mask, advantages.float(), zero)
+        if not isinstance(loss, (ClippedSurrogate, GSPO)):
+            clipfrac = own["clip_fraction"].detach().float() if "clip_fraction" in own else zero
+            return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": masked_mean(-log_ratio.clamp(-20.0, 20.0)),
+                    "actor/pg_clipfrac_lower": zero}
         if getattr(loss, "ratio", "sequence" if isinstance(loss, GSPO) else "token") == "sequence":
             ppo_kl = masked_mean(-log_ratio)
             seq = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)
@@ -235,7 +243,7 @@ def compute_policy_loss(
                          batch_num_tokens=info.get("batch_num_tokens"), global_batch_size=info.get("global_batch_size"),
                          loss_scale_factor=info.get("loss_scale_factor"), max_length=getattr(loss_cfg, "max_length", None))
     out = loss_cfg(logp, rollout, credit, totals=totals)
-    metrics = _verl_metrics(loss_cfg, log_prob, old_log_prob, advantages, mask)
+    metrics = _verl_metrics(loss_cfg, log_prob, old_log_prob, advantages, mask, out.metrics)
     metrics.update({f"actor/rlcredit/{k}": out.metrics[k].detach() for k in out.metrics
                     if k not in ("pg_loss", "clip_fraction", "kept_fraction")})
     return out.loss, metrics
