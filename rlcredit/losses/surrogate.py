@@ -74,7 +74,8 @@ class ClippedSurrogate:
     multiplied by the token ratio ``r_t = exp(logp_t - logp_old_t)``, gradient through both (TRL's
     ``use_bias_correction_kl``, DeepSeek-V3.2 arXiv 2512.02556: the unbiased reverse-KL gradient
     off-policy; it changes the gradient on-policy too, where ``r_t = 1``). The KL and the entropy
-    term (VPPO's "entropy penalty") are unweighted and count every valid token. Aggregations (verl / TRL names):
+    term (VPPO's "entropy penalty") are unweighted and count every valid token. Aggregations
+    (verl / TRL names):
     ``token_mean`` ``sum w l / sum mask`` (verl token-mean; TRL dapo/bnpo), ``seq_mean_token_mean``
     ``mean_i sum_t w l / T_i`` (TRL grpo), ``seq_mean_token_sum`` ``mean_i sum_t w l``,
     ``seq_mean_token_sum_norm`` ``sum w l / (B * L)`` (Dr. GRPO; ``L = max_length`` or the padded
