@@ -51,4 +51,4 @@ fi
 echo "== verl contract test"
 cd "$ROOT"
 "$VENV/bin/python" -c "import verl, transformers, torch; print('verl', verl.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider scripts/verl_contract_test.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider scripts/verl_contract_test.py scripts/verl_contract_methods_test.py "$@"
