@@ -15,6 +15,7 @@ from rlcredit.errors import RolloutError, SpecError
 from rlcredit.estimators import DependencyEstimator
 from rlcredit.functional import Reducer, Totals
 from rlcredit.losses import ClippedSurrogate, check_credit, check_logprobs
+from rlcredit.losses._common import aux_names, check_aux
 from rlcredit.registry import build_component, component_spec
 from rlcredit.requirements import POLICY, Requirement, Score, leaves, primary_scores, requirements_of
 from rlcredit.rollout import Credit, EstimatorOutput, LazyMetrics, LossOutput, Rollout
@@ -247,8 +248,8 @@ class Strategy:
             thunks[f"score/{name}"] = lambda s=scores[name]: s.sum() / n_valid()
         return LazyMetrics(thunks)
 
-    def loss(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
-             reducer: Reducer | None = None, totals: Totals | None = None) -> LossOutput:
+    def loss(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *, reducer: Reducer | None = None,
+             totals: Totals | None = None, aux: Mapping[str, Tensor] | None = None) -> LossOutput:
         """The differentiable policy loss of a (micro-)batch.
 
         Args:
@@ -259,6 +260,10 @@ class Strategy:
             totals: the batch statistics to divide by when these rows are part of a larger batch
                 (``strategy.policy_loss.totals(whole_rollout, whole_credit)``): the micro-batch
                 losses then add up to the whole batch's loss. None: these rows are the batch.
+            aux: differentiable ``[B, T]`` tensors of these rows computed in the training step, for a
+                loss that declares ``rlcredit.requirements.Aux(name)`` (PAPO: ``{"masked_logprobs":
+                ...}``, the current policy's log-probs with the masked image); passed only to such a
+                loss, and an error for any other.
 
         Returns:
             ``rlcredit.LossOutput``.
@@ -278,7 +283,10 @@ class Strategy:
         check_logprobs(logprobs, rollout, "Strategy.loss")
         check_credit(rollout, credit, "Strategy.loss")
         self._check_requirements(rollout, POLICY, self._components()[-1:])
-        extra = {} if totals is None else {"totals": totals}
+        extra: dict[str, Any] = {} if totals is None else {"totals": totals}
+        names = aux_names(self.policy_loss)
+        if names or aux:
+            extra["aux"] = check_aux(aux, names, logprobs, "Strategy.loss")
         return self.policy_loss(logprobs, rollout, credit, reducer=reducer, **extra)
 
     # ------------------------------------------------------------------------------------------

@@ -260,10 +260,8 @@ def verl(out: Record) -> None:
                 loss.backward()
                 p = f"verl/loss/{name}/{cname}/{'isw' if w is not None else 'none'}"
                 out[f"{p}/loss"], out[f"{p}/grad"] = loss.detach(), logp.grad
-                for k in sorted(metrics):
-                    if k in ("actor/pg_clipfrac", "actor/ppo_kl", "rlcredit/pg_loss", "rlcredit/kept_fraction",
-                             "rlcredit/neg_logprob"):
-                        out[f"{p}/metric/{k}"] = torch.as_tensor(metrics[k]).float()
+                for k in sorted(metrics):  # whatever keys this checkout emits (verl's, since issue 15)
+                    out[f"{p}/metric/{k}"] = torch.as_tensor(metrics[k]).float()
     rewards = torch.zeros(12, 9)
     rewards[:, -1] = t["rewards"]
     uid = [str(int(i)) for i in t["group_ids"]]

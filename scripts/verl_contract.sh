@@ -4,7 +4,8 @@
 # verl needs transformers < 5.11 and ray, which must stay out of the main .venv, so this script
 # builds .venv-verl (CPU torch, pinned), installs verl without its GPU extras, and runs
 # scripts/verl_contract_test.py: verl's own get_policy_loss_fn("rlcredit"), get_adv_estimator_fn,
-# agg_loss and vanilla loss against ours.
+# agg_loss, ppo_loss / vanilla loss and ray_trainer.compute_advantage against ours; and
+# scripts/verl_contract_methods_test.py: verl's cispo, sapo, geo_mean, kl_cov and clip_cov against rlcredit's.
 #
 #   scripts/verl_contract.sh                 # build (once) and test
 #   VERL_VERSION=0.9.1 VERL_VENV=/tmp/v scripts/verl_contract.sh
@@ -40,8 +41,10 @@ if [[ ! -f "$STAMP" ]]; then
         exit 1
     fi
     # verl's base requirements (ray, tensordict, hydra, transformers < 5.11...), none of its GPU
-    # extras (vllm, sglang, fsdp, megatron pin their own torch and CUDA stacks).
-    "${PIP[@]}" install -q -c "$CONSTRAINTS" "verl==$VERL_VERSION"
+    # extras (vllm, sglang, fsdp, megatron pin their own torch and CUDA stacks). verl 0.9.1's
+    # trainer (verl.trainer.ppo.ray_trainer, whose compute_advantage the test calls) also imports
+    # cachetools, uvicorn and fastapi, which its base requirements miss.
+    "${PIP[@]}" install -q -c "$CONSTRAINTS" "verl==$VERL_VERSION" cachetools uvicorn fastapi
     "${PIP[@]}" install -q -c "$CONSTRAINTS" -e "$ROOT" pytest
     touch "$STAMP"
 fi
@@ -49,4 +52,4 @@ fi
 echo "== verl contract test"
 cd "$ROOT"
 "$VENV/bin/python" -c "import verl, transformers, torch; print('verl', verl.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider scripts/verl_contract_test.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider scripts/verl_contract_test.py scripts/verl_contract_methods_test.py "$@"

@@ -3,7 +3,8 @@
 verl needs transformers < 5.11 and ray, so it lives in its own virtual environment. These tests
 check what tests/test_verl.py can only check against a fake: that importing
 ``rlcredit.integrations.verl`` registers in verl's own registries, with verl's own signatures, and
-that rlcredit's aggregation and policy loss equal verl's ``agg_loss`` and ``vanilla`` loss.
+that rlcredit's aggregation, policy loss and advantages equal verl's ``agg_loss``, ``vanilla`` loss
+(through verl's own ``ppo_loss``) and ``compute_advantage`` at verl's default actor config.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ verl_core = pytest.importorskip("verl.trainer.ppo.core_algos")  # this file runs
 
 import rlcredit  # noqa: E402
 from rlcredit.integrations import verl as ours  # noqa: E402  (import registers "rlcredit" in verl)
+from rlcredit.integrations.verl import _actor  # noqa: E402
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -76,35 +78,177 @@ def test_aggregate_equals_verl_agg_loss(mode, seed):
                                verl_core.agg_loss(loss_mat, mask.float(), mode, **info).float(), rtol=1e-5, atol=1e-6)
 
 
-def _actor_config(clip_low: float, clip_high: float, clip_c: float, info: dict):
-    from verl.workers.config import ActorConfig
+# --- loss_mode=rlcredit == vanilla at verl's default actor config (issue 15, item 1) ---------------
 
-    fields = {f.name for f in ActorConfig.__dataclass_fields__.values()}
-    kwargs = dict(strategy="fsdp", rollout_n=1, clip_ratio=clip_low, clip_ratio_low=clip_low, clip_ratio_high=clip_high,
-                  clip_ratio_c=clip_c, ppo_micro_batch_size_per_gpu=1)
-    config = ActorConfig(**{k: v for k, v in kwargs.items() if k in fields})
-    config.global_batch_info.update(info)
-    return config
+# Each preset with the actor config its verl recipe uses; everything else at verl 0.9.1's defaults
+# (clip_ratio 0.2, clip_ratio_c 3.0: vanilla's dual clip is always on). adv_estimator=grpo, with
+# norm_adv_by_std_in_grpo=False for Dr. GRPO.
+RECIPES = [
+    ("grpo", {}, True),
+    ("dapo", {"clip_ratio_high": 0.28}, True),
+    ("dr_grpo", {"loss_agg_mode": "seq-mean-token-sum-norm"}, False),
+]
+# Rows of the 8-row mini-batch per dp rank, per micro-batch.
+SPLITS = {
+    "whole": [[list(range(8))]],
+    "micro": [[[0, 1], [2, 3], [4, 5], [6, 7]]],
+    "dp": [[[0, 1], [2, 3]], [[4, 5], [6, 7]]],
+}
 
 
-@pytest.mark.parametrize("preset,mode", [("dapo", "token-mean"), ("grpo", "token-mean"),
-                                         ("dr_grpo", "seq-mean-token-sum-norm")])
-@pytest.mark.parametrize("seed", range(3))
-def test_policy_loss_equals_verl_vanilla(preset, mode, seed, monkeypatch):
-    """Our registered loss with the strategy's clip range == verl's vanilla loss, dual clip disabled."""
+def _actor_config(loss_mode: str, **overrides):
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                       policy_loss=PolicyLossConfig(loss_mode=loss_mode), **overrides)
+
+
+def _rollout_batch(seed: int, B: int = 8, P: int = 3, T: int = 6):
+    """A DataProto: rewards on the last valid token, uid groups of 4, IS weights; and current log-probs."""
+    import numpy as np
+    from verl import DataProto
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    rewards = torch.zeros(B, T)
+    rewards[torch.arange(B), lengths - 1] = torch.randint(0, 3, (B,), generator=g).float()
+    old = -torch.rand(B, T, generator=g) * 3 * mask
+    logp = (old + (torch.rand(B, T, generator=g) - 0.5) * 4) * mask  # ratios up to e^2: past the dual clip's 3
+    data = DataProto.from_dict(
+        tensors={"token_level_rewards": rewards, "response_mask": mask, "old_log_probs": old,
+                 "rollout_is_weights": torch.rand(B, T, generator=g) * 2 * mask,
+                 "prompts": torch.ones(B, P, dtype=torch.long), "responses": torch.ones(B, T, dtype=torch.long),
+                 "attention_mask": torch.cat([torch.ones(B, P), mask], 1).long()},
+        non_tensors={"uid": np.array([f"p{i // 4}" for i in range(B)], dtype=object)},
+    )
+    return data, logp
+
+
+def _flat_log_probs(logp_rows, attention, P):
+    """The (total_nnz,) layout verl's ppo_loss unpads: response log-probs end one token before each sequence end."""
+    pieces = []
+    for row, att in zip(logp_rows, attention):
+        r = int(att[P:].sum())
+        pieces += [torch.zeros(P - 1), row[:r], torch.zeros(1)]
+    return torch.cat(pieces)
+
+
+def _ppo_loss(config, data, rows, logp, dp_size, batch_num_tokens, global_batch_size):
+    """verl's own ppo_loss (verl/workers/utils/losses.py) on some rows: one micro-batch of one dp rank."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    keys = ["prompts", "responses", "attention_mask", "response_mask", "old_log_probs", "advantages",
+            "rollout_is_weights"]
+    td = TensorDict({k: data.batch[k][rows] for k in keys}, batch_size=[len(rows)])
+    tu.assign_non_tensor(td, dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    flat = _flat_log_probs(logp[rows], data.batch["attention_mask"][rows], data.batch["prompts"].shape[1])
+    loss, metrics = ppo_loss(config, {"log_probs": flat}, td)
+    return loss, {k: m.aggregate() for k, m in metrics.items()}
+
+
+def _run(estimator: str, loss_mode: str, actor: dict, norm_by_std: bool, split: str, seed: int):
+    """verl's compute_advantage then ppo_loss over the split: advantages, per-call losses, gradient, metrics."""
+    import warnings
+
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    data, logp = _rollout_batch(seed)
+    data = compute_advantage(data, adv_estimator=estimator, norm_adv_by_std_in_grpo=norm_by_std)
+    config = _actor_config(loss_mode, **actor)
+    ranks = SPLITS[split]
+    tokens, rows_total = int(data.batch["response_mask"].sum()), logp.shape[0]
+    leaf = logp.clone().requires_grad_(True)
+    losses, metrics = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recipe's actor config agrees with the strategy: no warning
+        for micro_batches in ranks:
+            for rows in micro_batches:
+                loss, m = _ppo_loss(config, data, rows, leaf, len(ranks), tokens, rows_total)
+                losses.append(loss)
+                metrics.append(m)
+    total = torch.stack(losses).sum() / len(ranks)  # micro-batch losses add up; DDP averages the ranks
+    grad, = torch.autograd.grad(total, leaf)
+    return data.batch["advantages"], torch.stack(losses), total, grad, metrics
+
+
+@pytest.mark.parametrize("preset,actor,norm_by_std", RECIPES)
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("seed", range(2))
+def test_rlcredit_equals_vanilla_at_verls_default_actor_config(preset, actor, norm_by_std, split, seed, monkeypatch):
+    """verl's own compute_advantage (ray_trainer) and ppo_loss: adv_estimator=rlcredit + loss_mode=rlcredit
+    equal adv_estimator=grpo + loss_mode=vanilla in advantages, loss, gradient and metrics, with rollout IS
+    weights: the whole mini-batch, 4 micro-batches, 2 dp ranks x 2 micro-batches (global batch info as
+    verl's engine sets it)."""
     monkeypatch.setenv("RLCREDIT_STRATEGY", preset)
-    old, logp, adv, mask = _batch(seed)
-    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed + 100)) * 2
-    loss_cfg = rlcredit.build(preset).policy_loss
-    info = dict(dp_size=2, batch_num_tokens=int(mask.sum()) * 2, global_batch_size=mask.shape[0] * 2,
-                loss_scale_factor=12)
-    config = _actor_config(loss_cfg.clip_low, loss_cfg.clip_high, 1e9, info)  # c = 1e9: dual clip never binds
-    mine, _ = verl_core.get_policy_loss_fn("rlcredit")(old, logp, adv, mask, mode, config, weights)
-    theirs, _ = verl_core.get_policy_loss_fn("vanilla")(old, logp, adv, mask, mode, config, weights)
+    monkeypatch.setattr(_actor, "_WARNED", set())
+    adv_v, losses_v, total_v, grad_v, m_v = _run("grpo", "vanilla", actor, norm_by_std, split, seed)
+    adv_r, losses_r, total_r, grad_r, m_r = _run("rlcredit", "rlcredit", actor, norm_by_std, split, seed)
+    assert float(adv_v.abs().max()) > 0.1 and float(grad_v.abs().max()) > 0
+    torch.testing.assert_close(adv_r, adv_v.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses_r, losses_v.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_r, grad_v, rtol=1e-5, atol=1e-6)
+    assert [set(m) for m in m_r] == [set(m) for m in m_v]  # verl's metric keys, exactly
+    for mine, theirs in zip(m_r, m_v):
+        for key in theirs:
+            assert abs(float(mine[key]) - float(theirs[key])) <= 1e-5 * (1 + abs(float(theirs[key]))), key
+    if split == "whole":
+        _, _, total_whole, _, _ = _run("grpo", "vanilla", actor, norm_by_std, "whole", seed)
+        torch.testing.assert_close(total_r, total_whole.float(), rtol=1e-5, atol=1e-6)
+    assert any(float(m["actor/pg_clipfrac_lower"]) > 0 for m in m_v) or split != "whole"  # the dual clip binds
+
+
+def test_vanilla_policy_loss_fn_itself(monkeypatch):
+    """compute_policy_loss_vanilla (not through ppo_loss) at the default ActorConfig, ratios up to e^3."""
+    monkeypatch.setenv("RLCREDIT_STRATEGY", "grpo")
+    old, logp, adv, mask = _batch(7)
+    logp = (old + (logp.detach() - old) * 6).requires_grad_(True)
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3)) * 2
+    results = {}
+    for mode in ("rlcredit", "vanilla"):
+        config = _actor_config(mode)
+        config.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=mask.shape[0])
+        loss, metrics = verl_core.get_policy_loss_fn(mode)(old, logp, adv, mask, "token-mean", config, weights)
+        results[mode] = (loss, torch.autograd.grad(loss, logp)[0], metrics)
+    (mine, g_mine, m_mine), (theirs, g_theirs, m_theirs) = results["rlcredit"], results["vanilla"]
     torch.testing.assert_close(mine, theirs.float(), rtol=1e-5, atol=1e-6)
-    g_mine, = torch.autograd.grad(mine, logp)
-    g_theirs, = torch.autograd.grad(theirs, logp)
     torch.testing.assert_close(g_mine, g_theirs, rtol=1e-5, atol=1e-6)
+    assert set(m_mine) == set(m_theirs) and m_theirs["actor/pg_clipfrac_lower"] > 0
+    assert all(abs(float(m_mine[k]) - m_theirs[k]) <= 1e-6 for k in m_theirs)
+
+
+@pytest.mark.parametrize("spec,mode", [('{"policy_loss": "gspo"}', "seq-mean-token-mean"),
+                                       ('{"policy_loss": {"name": "gspo", "aggregation": "token_mean"}}', "token-mean")])
+def test_gspo_equals_verls_gspo_with_the_matching_actor_config(spec, mode, monkeypatch):
+    """The gspo loss (GSPO's clip range, explicit) == verl's loss_mode=gspo with the same actor config."""
+    import warnings
+
+    monkeypatch.setenv("RLCREDIT_STRATEGY", spec)
+    monkeypatch.setattr(_actor, "_WARNED", set())
+    old, logp, adv, mask = _batch(11)
+    logp = (old + (logp.detach() - old) * 4e-3).requires_grad_(True)  # sequence ratios around 1 +- 1e-3
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(4)) * 2
+    results = {}
+    for loss_mode in ("rlcredit", "gspo"):
+        config = _actor_config(loss_mode, clip_ratio_low=3e-4, clip_ratio_high=4e-4, loss_agg_mode=mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the actor config agrees with the loss: no warning
+            loss, metrics = verl_core.get_policy_loss_fn(loss_mode)(old, logp, adv, mask, mode, config, weights)
+        results[loss_mode] = (loss, torch.autograd.grad(loss, logp)[0], metrics)
+    (mine, g_mine, m_mine), (theirs, g_theirs, m_theirs) = results["rlcredit"], results["gspo"]
+    torch.testing.assert_close(mine, theirs.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_mine, g_theirs, rtol=1e-5, atol=1e-6)
+    assert 0 < m_theirs["actor/pg_clipfrac"] < 1
+    assert set(m_mine) == set(m_theirs) and all(abs(float(m_mine[k]) - m_theirs[k]) <= 1e-6 for k in m_theirs)
+
+
+def test_ray_trainer_imports():
+    """verl 0.9.1's ray_trainer needs cachetools, uvicorn and fastapi, which its base install misses."""
+    from verl.trainer.ppo import ray_trainer
+
+    assert callable(ray_trainer.compute_advantage)
 
 
 def test_grpo_advantage_equals_verls_grpo_on_multi_sample_groups():

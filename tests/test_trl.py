@@ -7,12 +7,10 @@ clipping is active), and compare TRL's own loss and its gradients.
 
 from __future__ import annotations
 
-import copy
 import types
-
-import attrs
 import warnings
 
+import attrs
 import pytest
 import torch
 
@@ -25,9 +23,9 @@ from hypothesis import strategies as st  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.trainer.utils import nanstd  # noqa: E402
 
 import rlcredit  # noqa: E402
-from tests.strategies import spawn_bounded  # noqa: E402
 from rlcredit.errors import RegistryError, SpecError  # noqa: E402
 from rlcredit.integrations.trl import (  # noqa: E402
     LOSS_TYPES,
@@ -36,73 +34,11 @@ from rlcredit.integrations.trl import (  # noqa: E402
     loss_type_for,
     trl_config_kwargs,
 )
-
-VOCAB = 64
-G = 4  # num_generations
-PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10 w11"]
-TRL_EPS = 1e-4  # TRL's std epsilon in its group-normalised advantage (ours defaults to 1e-6)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def base_model():
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1,
-                      bos_token_id=None, max_position_embeddings=64)
-    return Qwen2ForCausalLM(cfg)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return Dataset.from_dict({"prompt": PROMPTS})
-
-
-def reward_len(completions, **kwargs):
-    """Toy reward: words in the completion, mod 3 (varies within groups)."""
-    return [float(len(c.split()) % 3) + 0.1 * len(c) for c in completions]
-
-
-def reward_some_none(completions, **kwargs):
-    """Toy reward that skips (None) every completion with an even number of words."""
-    return [None if len(c.split()) % 2 == 0 else float(len(c)) for c in completions]
-
-
-def make_args(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=G * 2, num_generations=G,
-                  max_completion_length=6, max_steps=2, report_to="none", use_cpu=True, save_strategy="no",
-                  logging_steps=1, learning_rate=1e-2, seed=0, temperature=1.0)
-    kwargs.update(overrides)
-    return GRPOConfig(**kwargs)
-
-
-def make_trainer(cls, base_model, tokenizer, dataset, tmp_path, reward=reward_len, **kwargs):
-    args = make_args(tmp_path, **kwargs.pop("args", {}))
-    return cls(model=copy.deepcopy(base_model), reward_funcs=reward, args=args, train_dataset=dataset,
-               processing_class=tokenizer, **kwargs)
-
-
-def batch_inputs(prompts=PROMPTS[:2]):
-    return [{"prompt": p} for p in prompts for _ in range(G)]  # what TRL's RepeatSampler yields
-
-
-def generate(trainer, seed=0):
-    trainer.model.train()
-    torch.manual_seed(seed)
-    return trainer._generate_and_score_completions(batch_inputs())
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
+from tests.strategies import spawn_bounded  # noqa: E402
+from tests.trl_setup import (  # noqa: E402  (fixtures: tokenizer, base_model, dataset)
+    G, PROMPTS, TRL_EPS, VOCAB, base_model, dataset, generate, loss_and_grads, make_args, make_trainer, quiet,
+    reward_len, reward_some_none, tokenizer,
+)
 
 
 # --- training runs -------------------------------------------------------------------------------
@@ -190,14 +126,6 @@ def test_entropy_forks_mask_equals_trl_get_high_entropy_mask(data, B, T, ties):
 # --- loss parity with plain GRPOTrainer ----------------------------------------------------------
 
 
-def _loss_and_grads(trainer, inputs):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_grpo_credit_loss_equals_plain_trl(loss_type, base_model, tokenizer, dataset, tmp_path):
     cfg = {"loss_type": loss_type, "scale_rewards": "group"}
@@ -218,12 +146,12 @@ def test_grpo_credit_loss_equals_plain_trl(loss_type, base_model, tokenizer, dat
     noise = torch.empty_like(logps).uniform_(-0.4, 0.4, generator=torch.Generator().manual_seed(1))
     old = (logps.detach() + noise) * out_plain["completion_mask"]
     out_plain["old_per_token_logps"] = old
-    loss_plain, grads_plain = _loss_and_grads(plain, out_plain)
+    loss_plain, grads_plain = loss_and_grads(plain, out_plain)
     assert abs(float(loss_plain)) > 1e-3  # ratios off 1 and clipping active: not a trivial 0 loss
     for name, out in outs.items():
         assert torch.equal(out["completion_ids"], out_plain["completion_ids"])
         out["old_per_token_logps"] = old
-        loss, grads = _loss_and_grads(ours[name], out)
+        loss, grads = loss_and_grads(ours[name], out)
         expected = out_plain["advantages"].unsqueeze(1) * out_plain["completion_mask"]
         if name == "trl_eps":  # the same epsilon as TRL: the same numbers
             torch.testing.assert_close(out["advantages"], expected, rtol=1e-6, atol=1e-7)
@@ -313,24 +241,62 @@ def test_inconsistent_loss_type_warns(base_model, tokenizer, dataset, tmp_path):
                      args={"loss_type": "grpo"})
 
 
-@pytest.mark.parametrize("preset", ["grpo", "dapo", "dr_grpo", "entropy_forks"])
-def test_trl_config_kwargs_are_consistent(preset, tmp_path):
-    kwargs = trl_config_kwargs(preset)
-    assert LOSS_TYPES[kwargs["loss_type"]] == rlcredit.build(preset).policy_loss.aggregation
-    args = quiet(make_args, tmp_path, **kwargs, scale_rewards="none" if preset == "dr_grpo" else "group")
-    assert check_trl_args(rlcredit.build(preset), args) == []
+BATCH_SCALED = {"shapers": [{"name": "batch_normalize", "center": False, "eps": 1e-4}, "group_center"]}
+GSPO_KL = {"policy_loss": {"name": "gspo", "kl_coef": 0.04}}
+DUAL_KL = {"policy_loss": {"name": "clipped_surrogate", "clip_high": 0.28, "dual_clip": 3.0, "kl_coef": 0.04,
+                           "kl_bias_correction": True}}
+
+
+@pytest.mark.parametrize("credit", ["grpo", "dapo", "dr_grpo", "entropy_forks", "stapo", BATCH_SCALED, GSPO_KL,
+                                    DUAL_KL])
+def test_trl_config_kwargs_are_consistent(credit, tmp_path):
+    """GRPOConfig(**trl_config_kwargs(credit)) is a config check_trl_args finds consistent (dr_grpo included)."""
+    strategy = rlcredit.build(credit)
+    kwargs = trl_config_kwargs(credit)
+    assert LOSS_TYPES[kwargs["loss_type"]] == strategy.policy_loss.aggregation
+    args = quiet(make_args, tmp_path, **kwargs)
+    assert check_trl_args(strategy, args) == []
+
+
+def test_trl_config_kwargs_maps_each_field():
+    assert trl_config_kwargs("dr_grpo")["scale_rewards"] == "none"
+    assert trl_config_kwargs(BATCH_SCALED)["scale_rewards"] == "batch"
+    assert trl_config_kwargs(GSPO_KL) == {"loss_type": "grpo", "epsilon": 3e-4, "epsilon_high": 4e-4, "beta": 0.04,
+                                          "importance_sampling_level": "sequence", "use_bias_correction_kl": False,
+                                          "scale_rewards": "group"}
+    kw = trl_config_kwargs(DUAL_KL)
+    assert (kw["delta"], kw["use_bias_correction_kl"], kw["epsilon_high"]) == (3.0, True, 0.28)
+    assert "scale_rewards" not in trl_config_kwargs({"shapers": ["leave_one_out"]})  # no TRL equivalent
+    with pytest.raises(SpecError, match="'clipped_surrogate'"):
+        trl_config_kwargs(rlcredit.Strategy(policy_loss=_PlainPG()))
+
+
+@attrs.frozen
+class _PlainPG:
+    """A policy loss that is not a clipped surrogate (-A logp, summed)."""
+
+    requires = ()
+
+    def __call__(self, logprobs, rollout, credit, *, reducer=None, totals=None):
+        return rlcredit.LossOutput(-(credit.token_advantages() * logprobs).sum(), {})
 
 
 def test_check_trl_args_lists_each_inconsistency():
-    strategy = rlcredit.build("grpo", policy_loss={"name": "clipped_surrogate", "dual_clip": 3.0, "kl_coef": 0.1,
-                                                   "entropy_penalty": 0.06, "aggregation": "seq_mean_token_sum_norm",
-                                                   "max_length": 10})
-    args = types.SimpleNamespace(loss_type="dr_grpo", epsilon=0.2, epsilon_high=0.3, beta=0.0, max_completion_length=6,
-                                 top_entropy_quantile=0.2, scale_rewards="none",
+    strategy = rlcredit.build("entropy_forks", policy_loss={
+        "name": "clipped_surrogate", "dual_clip": 3.0, "kl_coef": 0.1, "entropy_penalty": 0.06,
+        "aggregation": "seq_mean_token_sum_norm", "max_length": 10, "ratio": "sequence"})
+    args = types.SimpleNamespace(loss_type="dr_grpo", epsilon=0.2, epsilon_high=0.3, beta=0.1, max_completion_length=6,
+                                 top_entropy_quantile=0.2, scale_rewards="none", importance_sampling_level="token",
                                  multi_objective_aggregation="normalize_then_sum")
     heads = [m.split(":")[0] for m in check_trl_args(strategy, args)]
-    assert heads == ["clip range", "dual clip", "kl", "entropy penalty", "max length", "entropy mask",
-                     "reward scaling", "rewards"]
+    assert heads == ["clip range", "dual clip", "importance sampling", "kl bias correction", "entropy penalty",
+                     "max length", "entropy mask", "reward scaling", "rewards"]
+    sequence = types.SimpleNamespace(loss_type="dapo", epsilon_high=0.28, delta=1.2, importance_sampling_level="sequence",
+                                     beta=0.0)
+    dual = rlcredit.build("entropy_forks", policy_loss={"name": "clipped_surrogate", "clip_high": 0.28,
+                                                        "dual_clip": 1.2, "ratio": "sequence"})
+    heads = [m.split(":")[0] for m in check_trl_args(dual, sequence)]
+    assert heads == ["dual clip", "token weights"]  # delta <= 1 + epsilon_high; weights under a sequence ratio
     cispo = types.SimpleNamespace(loss_type="cispo")
     assert [m.split(":")[0] for m in check_trl_args(rlcredit.build("dapo"), cispo)] == ["loss form"]
 
@@ -369,8 +335,15 @@ def _two_process_worker(rank, world, port, queue):
             rollout = self.last_rollout
             # TRL's own rule on the same entropies, gathered across the two processes (a collective).
             trl_mask = self.get_high_entropy_mask(rollout.signals["entropy"], rollout.response_mask.long(), 0.8)
+            # TRL's scale_rewards="batch" divisor (its nanstd of the gathered rewards) vs batch_normalize across
+            # the two processes through the trainer's reducer.
+            gathered = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)
+            trl_batch = (gathered / (nanstd(gathered) + 1e-4))[rank * 6:(rank + 1) * 6]
+            ours_batch = rlcredit.functional.batch_normalize(rollout.rewards, center=False, eps=1e-4,
+                                                            reducer=self._credit_reducer_handle())
             queue.put((rank, rollout.group_ids.tolist(), trl_advantages.tolist(), folded.tolist(),
-                       trl_mask.tolist(), (self.last_credit.token_weights > 0).tolist()))
+                       trl_mask.tolist(), (self.last_credit.token_weights > 0).tolist(), trl_batch.tolist(),
+                       ours_batch.tolist()))
             return folded
 
     args = GRPOConfig(output_dir=f"{os.environ.get('TMPDIR', '/tmp')}/rlcredit-trl-mp{rank}",
@@ -391,8 +364,9 @@ def _two_process_worker(rank, world, port, queue):
 
 @pytest.mark.slow
 def test_two_processes_split_groups_and_batch_quantile():
-    """With 2 processes (gloo), a group split across them is normalised whole, as TRL does, and the
-    batch-scope entropy quantile spans both, as TRL's get_high_entropy_mask does."""
+    """With 2 processes (gloo), a group split across them is normalised whole, as TRL does, the
+    batch-scope entropy quantile spans both, as TRL's get_high_entropy_mask does, and batch_normalize's
+    std spans both, as TRL's scale_rewards="batch"."""
     import socket
 
     import torch.multiprocessing as mp
@@ -408,6 +382,7 @@ def test_two_processes_split_groups_and_batch_quantile():
         results[rank] = [torch.tensor(x) for x in rest[1:]] + [rest[0]]
     assert sorted(results) == [0, 1], f"expected one record per rank, got ranks {sorted(results)}"
     assert results[0][-1] == [0, 0, 0, 0, 1, 1] and results[1][-1] == [1, 1, 2, 2, 2, 2]  # group 1 is split
-    for trl_advantages, folded, trl_mask, kept, _ in results.values():
+    for trl_advantages, folded, trl_mask, kept, trl_batch, ours_batch, _ in results.values():
         assert torch.equal(kept, trl_mask)
+        torch.testing.assert_close(ours_batch, trl_batch, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(folded, trl_advantages.unsqueeze(1) * trl_mask, rtol=1e-6, atol=1e-7)

@@ -9,7 +9,8 @@ or a ``Reducer``, and then give on R ranks exactly what one process holding ever
 
 Groups of rollouts:
     ``group_normalize`` (GRPO), ``group_center`` (Dr. GRPO), ``leave_one_out``
-    (RLOO), ``overlong_penalty`` (DAPO reward shaping).
+    (RLOO), ``overlong_penalty`` (DAPO reward shaping); over the whole batch,
+    ``batch_normalize`` (TRL's batch scaling, RLOO's advantage normalisation).
 Losses:
     ``clipped_surrogate``, ``sequence_log_ratio`` (GSPO), ``k3_kl``.
 Aggregation:
@@ -22,7 +23,13 @@ Selection and shaping:
     ``top_fraction_mask`` (scopes in ``SCOPES``), ``dependency_scale`` (VPPO TAS).
 """
 
-from rlcredit.functional._group import group_center, group_normalize, leave_one_out, overlong_penalty
+from rlcredit.functional._group import (
+    batch_normalize,
+    group_center,
+    group_normalize,
+    leave_one_out,
+    overlong_penalty,
+)
 from rlcredit.functional._logits import fused_token_kl, selected_logprobs, token_entropy, token_kl
 from rlcredit.functional._aggregate import (
     AGGREGATIONS,
@@ -43,6 +50,7 @@ __all__ = [
     "Reducer",
     "Totals",
     "aggregate",
+    "batch_normalize",
     "batch_totals",
     "clipped_surrogate",
     "dependency_scale",

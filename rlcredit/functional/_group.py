@@ -12,9 +12,9 @@ from rlcredit.functional._checks import (
     check_shape,
 )
 from rlcredit.errors import RLCreditError, RolloutError
-from rlcredit.functional._reduce import GroupIndex, Reducer
+from rlcredit.functional._reduce import GroupIndex, Reducer, all_max, all_min, all_sum
 
-__all__ = ["group_normalize", "group_center", "leave_one_out", "overlong_penalty"]
+__all__ = ["group_normalize", "group_center", "leave_one_out", "overlong_penalty", "batch_normalize"]
 
 
 def _rewards_and_ids(
@@ -217,3 +217,72 @@ def overlong_penalty(
         )
     excess = (max_length - cache_length) - lengths.long()
     return (excess.double() / cache_length).clamp(-1.0, 0.0).float()
+
+
+def batch_normalize(
+    rewards: torch.Tensor,
+    *,
+    center: bool = True,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    reducer: Reducer | None = None,
+) -> torch.Tensor:
+    """Rewards (or advantages) standardised over the whole batch, across ranks.
+
+    PPO-style batch whitening; TRL's ``scale_rewards="batch"`` (after Hu et al. 2025, *Tricks or
+    Traps? A Deep Dive into RL for LLM Reasoning*, arXiv 2508.08221, "group mean, batch std") and
+    RLOO's ``normalize_advantages``. With ``mean_b`` and ``std_b`` over every row of the batch::
+
+        A_i = (r_i - mean_b(r)) / (std_b(r) + eps)      center=True
+        A_i = r_i / (std_b(r) + eps)                    center=False
+
+    ``std`` is unbiased (``n - 1``) by default, as TRL's ``nanstd``. ``center=False`` followed by
+    ``group_center`` is TRL's batch scaling, ``(r_i - mean_g r) / (std_b r + eps)`` with
+    ``eps = 1e-4``. Degenerate cases are defined: with ``center=True`` an all-equal batch gives
+    exactly 0 (tested with ``max == min``); a batch with ``std_b + eps == 0`` (all equal and
+    ``eps = 0``) is not divided; a one-row batch has ``std_b = 0``. With a ``reducer`` the
+    statistics span every rank's rows (two-pass variance: one all-reduce of the count and sum,
+    one of the squared deviations, one max and one min), and each rank returns its own rows.
+
+    Args:
+        rewards: ``[B]`` float (or int) rewards or advantages; maths in float32.
+        center: subtract the batch mean (True) or only divide by the batch std (False).
+        eps: ``>= 0`` added to the standard deviation.
+        unbiased: divide the variance by ``n - 1`` (True) or ``n``.
+        reducer: cross-rank reducer, or None when this process holds the whole batch.
+
+    Returns:
+        ``[B]`` float32.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import batch_normalize
+        >>> batch_normalize(torch.tensor([1.0, 0.0, 0.5, 0.5]))  # mean 0.5, std 0.4082
+        tensor([ 1.2247, -1.2247,  0.0000,  0.0000])
+        >>> batch_normalize(torch.tensor([1.0, 0.0, 0.5, 0.5]), center=False)
+        tensor([2.4495, 0.0000, 1.2247, 1.2247])
+    """
+    fn = "batch_normalize"
+    rewards = check_shape(fn, "rewards", rewards, "B", [None])
+    if rewards.dtype == torch.bool or rewards.is_complex():
+        raise RolloutError(
+            f"{fn}: `rewards` must be a real (float or int) tensor, got dtype {rewards.dtype}; "
+            f"convert it with `.float()`."
+        )
+    check_real(fn, "eps", eps, low=0.0)
+    r = rewards.float()
+    count_sum = all_sum(torch.stack([torch.full((), float(r.numel()), device=r.device), r.sum()]), reducer)
+    count, mean = count_sum[0], count_sum[1] / count_sum[0].clamp_min(1.0)
+    # Two-pass variance: the squared deviations from the global mean (no E[r^2] - mean^2 cancellation).
+    sq_dev = all_sum((r - mean).square().sum(), reducer)
+    dof = count - 1.0 if unbiased else count
+    std = (sq_dev / dof.clamp_min(1.0)).sqrt()
+    denom = std + eps
+    scale = torch.where(denom > 0, denom, torch.ones_like(denom))
+    if not center:
+        return r / scale
+    # An empty shard has no max/min: it contributes the identity of each reduction.
+    hi = all_max(r.max() if r.numel() else r.new_tensor(float("-inf")), reducer)
+    lo = all_min(r.min() if r.numel() else r.new_tensor(float("inf")), reducer)
+    out = (r - mean) / scale
+    return torch.where(hi == lo, torch.zeros_like(out), out)

@@ -62,7 +62,7 @@ class ClippedSurrogate:
         l_t = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)
         l_t = min(l_t, -dual_clip * A)                       where A < 0 (if dual_clip)
         l_t = w_t * l_t                                      (exact folding of weights w >= 0)
-        loss = agg(l) + kl_coef * agg(k3(ref, logp)) + entropy_penalty * agg(-logp)
+        loss = agg(l) + kl_coef * agg(k3(ref, logp) [* r_t]) + entropy_penalty * agg(-logp)
 
     ``ratio="token"``: ``rho_t = exp(logp_t - logp_old_t)`` (PPO, GRPO, DAPO). ``ratio="sequence"``:
     GSPO's length-normalised sequence ratio ``s_i = exp(mean_t (logp - logp_old))`` on every token
@@ -70,8 +70,12 @@ class ClippedSurrogate:
     log-prob is ``s_i``), so one clip decision covers a whole response; the ``gspo`` loss is this
     with GSPO's defaults. Log-ratios are clamped to ``+-20``.
 
-    ``k3 = exp(ref - logp) - (ref - logp) - 1``. The KL and the entropy term (VPPO's "entropy
-    penalty") are unweighted and count every valid token. Aggregations (verl / TRL names):
+    ``k3 = exp(ref - logp) - (ref - logp) - 1``. With ``kl_bias_correction=True`` the k3 term is
+    multiplied by the token ratio ``r_t = exp(logp_t - logp_old_t)``, gradient through both (TRL's
+    ``use_bias_correction_kl``, DeepSeek-V3.2 arXiv 2512.02556: the unbiased reverse-KL gradient
+    off-policy; it changes the gradient on-policy too, where ``r_t = 1``). The KL and the entropy
+    term (VPPO's "entropy penalty") are unweighted and count every valid token. Aggregations
+    (verl / TRL names):
     ``token_mean`` ``sum w l / sum mask`` (verl token-mean; TRL dapo/bnpo), ``seq_mean_token_mean``
     ``mean_i sum_t w l / T_i`` (TRL grpo), ``seq_mean_token_sum`` ``mean_i sum_t w l``,
     ``seq_mean_token_sum_norm`` ``sum w l / (B * L)`` (Dr. GRPO; ``L = max_length`` or the padded
@@ -95,6 +99,7 @@ class ClippedSurrogate:
         entropy_penalty: ``c >= 0`` of ``mean(-logp)`` (VPPO uses 0.06).
         max_length: Dr. GRPO's ``L`` (None: padded T, largest across ranks).
         ratio: ``"token"`` or ``"sequence"`` (GSPO).
+        kl_bias_correction: multiply the k3 term by the token ratio (needs ``kl_coef > 0``).
 
     Returns:
         ``LossOutput(loss, metrics)`` with metrics ``pg_loss``, ``clip_fraction``,
@@ -123,9 +128,15 @@ class ClippedSurrogate:
     entropy_penalty: float = attrs.field(default=0.0, validator=in_range(0.0))
     max_length: int | None = attrs.field(default=None, validator=attrs.validators.optional(int_at_least(1)))
     ratio: str = attrs.field(default="token", validator=one_of(*RATIOS))
+    kl_bias_correction: bool = attrs.field(default=False, validator=is_bool)
 
     def __attrs_post_init__(self) -> None:
         name = type(self).__name__
+        if self.kl_bias_correction and not self.kl_coef > 0:
+            raise SpecError(
+                f"{name}: kl_bias_correction=True corrects the KL term, which is off (kl_coef=0); set kl_coef > 0 "
+                f"or drop kl_bias_correction."
+            )
         if self.renormalize and self.aggregation in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
             raise SpecError(
                 f"{name}: renormalize=True needs a token-count denominator, i.e. aggregation 'token_mean' or "
@@ -192,8 +203,11 @@ class ClippedSurrogate:
         if self.kl_coef > 0:
             if rollout.ref_logprobs is None:
                 raise RolloutError(f"{who}: kl_coef > 0 needs rollout.ref_logprobs; pass them or set kl_coef=0.")
-            kl = F.aggregate(F.k3_kl(logprobs, rollout.ref_logprobs), mask, mode=self.aggregation,
-                             max_length=self.max_length, reducer=reducer, totals=totals)
+            k3 = F.k3_kl(logprobs, rollout.ref_logprobs, mask)
+            if self.kl_bias_correction:  # times the token ratio, differentiable (also where it is 1)
+                k3 = k3 * torch.exp(torch.where(mask, logprobs.float() - old, zero).clamp(-20.0, 20.0))
+            kl = F.aggregate(k3, mask, mode=self.aggregation, max_length=self.max_length, reducer=reducer,
+                             totals=totals)
             loss = loss + self.kl_coef * kl
             metrics["kl"] = kl.detach()
         if neg_logp is not None:

@@ -7,9 +7,11 @@ registries (``verl.trainer.ppo.core_algos``):
 - the policy loss ``"rlcredit"`` (``actor_rollout_ref.actor.policy_loss.loss_mode=rlcredit``), with
   verl's exact signature ``(old_log_prob, log_prob, advantages, response_mask,
   loss_agg_mode="token-mean", config=None, rollout_is_weights=None) -> (loss, metrics)``: the
-  strategy's own ``policy_loss`` (clip range, dual clip, entropy penalty, aggregation) on verl's
-  ``[B, T]`` advantages, with verl's rollout-correction weights as token weights and verl's global
-  batch statistics as denominators (so dp ranks and micro-batches add up as in ``agg_loss``);
+  strategy's own ``policy_loss`` on verl's ``[B, T]`` advantages, with verl's actor config
+  (``clip_ratio_low``/``clip_ratio_high``, ``clip_ratio_c``, ``loss_agg_mode``) wherever the
+  strategy leaves a value at its default (``verl_policy_loss``), verl's rollout-correction
+  weights as token weights and verl's global batch statistics as denominators (so dp ranks and
+  micro-batches add up as in ``agg_loss``), and verl's metric keys;
 - the advantage estimator ``"rlcredit"`` (``algorithm.adv_estimator=rlcredit``): the strategy's
   ``assign`` on the rewards, response mask and group ids (``uid``), its token weights folded into
   ``[B, T]`` advantages ``A_{i,t} = w_{i,t} A_i`` (exact for ``w >= 0``).
@@ -21,9 +23,10 @@ The strategy: the config key ``rlcredit_strategy`` when the config passed to the
 estimator carries one (dict-style configs), else the environment variable ``RLCREDIT_STRATEGY``:
 a preset name, a spec file path, or a JSON spec. verl's structured dataclass configs reject unknown
 keys, so with them use the environment variable (and make it reach the Ray workers, e.g.
-``+ray_kwargs.ray_init.runtime_env.env_vars.RLCREDIT_STRATEGY=entropy_forks``). Hyper-parameters
-come from the rlcredit spec; verl's ``clip_ratio*``, ``loss_agg_mode`` and
-``norm_adv_by_std_in_grpo`` are not read (a differing ``loss_agg_mode`` warns).
+``+ray_kwargs.ray_init.runtime_env.env_vars.RLCREDIT_STRATEGY=entropy_forks``). The advantage
+estimator's hyper-parameters come from the rlcredit spec (verl's ``norm_adv_by_std_in_grpo`` is
+not read); the policy loss follows verl's actor config unless the strategy sets a value
+explicitly (``verl_policy_loss``; a disagreement warns once).
 
 verl's estimator hook only sees rewards, the response mask and the group ids, so a strategy that
 scores tokens needs ``apply_credit``, called where the data is (see ``credit_location``):
@@ -39,6 +42,7 @@ Examples:
 
 from __future__ import annotations
 
+from rlcredit.integrations.verl._actor import VERL_ACTOR_DEFAULTS, verl_policy_loss
 from rlcredit.integrations.verl._advantage import apply_credit, compute_advantage
 from rlcredit.integrations.verl._loss import aggregate, compute_policy_loss, verl_totals
 from rlcredit.integrations.verl._strategy import (
@@ -48,7 +52,7 @@ from rlcredit.integrations.verl._strategy import (
 __all__ = [
     "NAME", "STRATEGY_ENV", "CONFIG_KEY", "AGG_MODES", "REGISTERED",
     "resolve_strategy", "compute_policy_loss", "compute_advantage", "aggregate", "apply_credit",
-    "credit_location", "register", "verl_totals",
+    "credit_location", "register", "verl_totals", "verl_policy_loss", "VERL_ACTOR_DEFAULTS",
 ]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,9 +11,10 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import SpecError
 from rlcredit.functional import Totals
+from rlcredit.integrations.verl._actor import verl_policy_loss
 from rlcredit.integrations.verl._strategy import _VERL_MODES, AGG_MODES, _get, resolve_strategy
+from rlcredit.losses import GSPO, ClippedSurrogate
 from rlcredit.rollout import Credit, Rollout
-from rlcredit.strategy import Strategy
 
 __all__ = ["aggregate", "compute_policy_loss", "verl_totals"]
 
@@ -116,8 +116,7 @@ def _global_info(config: Any) -> dict[str, Any]:
     return dict(info) if isinstance(info, Mapping) else {}
 
 
-def _check_loss(strategy: Strategy) -> Any:
-    loss = strategy.policy_loss
+def _check_loss(loss: Any) -> Any:
     if getattr(loss, "aggregation", None) not in _VERL_MODES:
         raise SpecError(
             f"the verl policy loss 'rlcredit' needs a policy loss with an `aggregation` field (clipped_surrogate); "
@@ -136,6 +135,41 @@ def _check_loss(strategy: Strategy) -> Any:
     return loss
 
 
+def _verl_metrics(loss: Any, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mask: Tensor,
+                  own: Any) -> dict[str, Tensor]:
+    """verl 0.9.1's pg metrics, its formulas: ``vanilla``'s for a token ratio, ``gspo``'s for a sequence ratio.
+
+    Other losses (``cispo``, ``sapo``...) report the same three keys: ``ppo_kl`` as ``vanilla``, their own
+    ``clip_fraction`` (0 without one) as ``pg_clipfrac``, and 0 as ``pg_clipfrac_lower`` (no dual clip).
+    """
+    with torch.no_grad():
+        m = mask.float()
+        zero = torch.zeros((), device=m.device)
+
+        def masked_mean(x: Tensor) -> Tensor:  # verl_F.masked_mean: sum / (count + 1e-8)
+            return torch.where(mask, x.float(), zero).sum() / (m.sum() + 1e-8)
+
+        log_ratio = torch.where(mask, log_prob.detach().float() - old_log_prob.float(), zero)
+        adv = torch.where(mask, advantages.float(), zero)
+        if not isinstance(loss, (ClippedSurrogate, GSPO)):
+            clipfrac = own["clip_fraction"].detach().float() if "clip_fraction" in own else zero
+            return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": masked_mean(-log_ratio.clamp(-20.0, 20.0)),
+                    "actor/pg_clipfrac_lower": zero}
+        if getattr(loss, "ratio", "sequence" if isinstance(loss, GSPO) else "token") == "sequence":
+            ppo_kl = masked_mean(-log_ratio)
+            seq = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)
+            ratio = torch.exp(seq.clamp(max=10.0)).unsqueeze(-1)
+        else:
+            log_ratio = log_ratio.clamp(-20.0, 20.0)
+            ppo_kl = masked_mean(-log_ratio)
+            ratio = torch.exp(log_ratio)
+        pg1 = -adv * ratio
+        pg2 = -adv * ratio.clamp(1 - loss.clip_low, 1 + loss.clip_high)
+        dual = getattr(loss, "dual_clip", None)
+        lower = zero if dual is None else masked_mean((torch.maximum(pg1, pg2) > -adv * dual) & (adv < 0))
+        return {"actor/pg_clipfrac": masked_mean(pg2 > pg1), "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": lower}
+
+
 def compute_policy_loss(
     old_log_prob: Tensor,
     log_prob: Tensor,
@@ -145,55 +179,54 @@ def compute_policy_loss(
     config: Any = None,
     rollout_is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """verl policy loss ``"rlcredit"``: the strategy's ``policy_loss`` with verl's global denominators.
+    """verl policy loss ``"rlcredit"``: the strategy's ``policy_loss`` with verl's config and denominators.
 
-    With the strategy's clipped surrogate (Schulman et al. 2017; clip-higher, dual clip, VPPO's
-    entropy penalty as configured in the rlcredit spec) and token weights ``w`` = verl's
+    The loss that runs is ``verl_policy_loss(strategy, config, loss_agg_mode)``: the strategy's
+    clipped surrogate (Schulman et al. 2017; clip-higher, dual clip, VPPO's entropy penalty) with
+    **verl's actor config** (``clip_ratio_low``/``clip_ratio_high``, ``clip_ratio_c``,
+    ``loss_agg_mode``) for every value the strategy leaves at its default, the strategy's explicit
+    values otherwise (a disagreement warns once). With token weights ``w`` = verl's
     rollout-correction weights (1 without them)::
 
         loss = aggregate(w * l(logp, old_logp, A), mask, mode, totals=verl_totals(...))
 
     where ``A`` is verl's ``[B, T]`` advantages (credit already folded by the ``"rlcredit"``
-    estimator or ``apply_credit``), ``mode`` the strategy's aggregation and the denominators
-    verl's global batch statistics (``verl_totals``). verl's ``loss_agg_mode`` is not used (a differing one warns: verl
-    aggregates its entropy and KL terms with it).
+    estimator or ``apply_credit``) and the denominators are verl's global batch statistics
+    (``verl_totals``). At verl's default actor config, ``grpo`` is verl's ``vanilla`` loss.
 
     Args:
         old_log_prob: ``[B, T]`` behaviour log-probs.
         log_prob: ``[B, T]`` current log-probs (with grad).
         advantages: ``[B, T]`` advantages.
         response_mask: ``[B, T]`` bool or 0/1.
-        loss_agg_mode: verl's aggregation name (compared with the strategy's).
-        config: verl's actor config (``global_batch_info``, optional ``rlcredit_strategy``).
+        loss_agg_mode: verl's aggregation name (``actor.loss_agg_mode``).
+        config: verl's actor config (clip ratios, ``global_batch_info``, optional ``rlcredit_strategy``).
         rollout_is_weights: ``[B, T]`` rollout-correction weights or None.
 
     Returns:
-        ``(loss, metrics)``: a scalar and detached scalar tensors ``actor/pg_clipfrac``,
-        ``actor/ppo_kl``, ``rlcredit/pg_loss``, ``rlcredit/kept_fraction`` (and
-        ``rlcredit/neg_logprob`` with an entropy penalty).
+        ``(loss, metrics)``: a scalar and detached scalar tensors under verl's keys with verl's
+        formulas (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``, as verl's
+        ``vanilla`` and ``gspo`` return them), plus ``actor/rlcredit/neg_logprob`` with an entropy
+        penalty.
 
     Raises:
-        SpecError: no strategy, ``kl_coef > 0``, ``renormalize=True`` or a loss without aggregation.
+        SpecError: no strategy, ``kl_coef > 0``, ``renormalize=True``, a loss without aggregation,
+            or a verl value rlcredit rejects (``loss_agg_mode="token-sum"``).
 
     Examples:
         >>> import torch
         >>> from rlcredit.integrations.verl import compute_policy_loss
         >>> mask = torch.ones(1, 2, dtype=torch.bool)
-        >>> loss, metrics = compute_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), mask,
+        >>> old, logp = torch.zeros(1, 2), torch.tensor([[0.0, 1.5]])  # ratios 1 and e^1.5 = 4.48
+        >>> loss, metrics = compute_policy_loss(old, logp, -torch.ones(1, 2), mask,
         ...                                     config={"rlcredit_strategy": "grpo"})
-        >>> loss
-        tensor(-1.)
+        >>> loss  # mean of 1 and min(max(4.48, 1.2), 3.0): verl's dual clip at its default 3.0
+        tensor(2.)
+        >>> sorted(metrics)
+        ['actor/pg_clipfrac', 'actor/pg_clipfrac_lower', 'actor/ppo_kl']
     """
     strategy = resolve_strategy(config)
-    loss_cfg = _check_loss(strategy)
-    aggregation = loss_cfg.aggregation
-    if loss_agg_mode != _VERL_MODES[aggregation]:
-        warnings.warn(
-            f"rlcredit: the strategy aggregates with {aggregation!r} (verl {_VERL_MODES[aggregation]!r}) but the "
-            f"actor's loss_agg_mode is {loss_agg_mode!r}; the policy loss follows the strategy, verl's entropy/KL "
-            f"terms follow loss_agg_mode. Set actor.loss_agg_mode={_VERL_MODES[aggregation]} to match.",
-            UserWarning, stacklevel=2,
-        )
+    loss_cfg = _check_loss(verl_policy_loss(strategy, config, loss_agg_mode))
     mask = response_mask.bool()
     zero = torch.zeros((), device=mask.device)
     rollout = Rollout(
@@ -206,15 +239,11 @@ def compute_policy_loss(
     credit = Credit(scores={}, token_weights=weights, advantages=torch.where(mask, advantages.detach().float(), zero))
     logp = torch.where(mask, log_prob, torch.zeros((), dtype=log_prob.dtype, device=log_prob.device))
     info = _global_info(config)
-    totals = verl_totals(aggregation, mask, dp_size=info.get("dp_size", 1), batch_num_tokens=info.get("batch_num_tokens"),
-                         global_batch_size=info.get("global_batch_size"), loss_scale_factor=info.get("loss_scale_factor"),
-                         max_length=getattr(loss_cfg, "max_length", None))
-    out = strategy.loss(logp, rollout, credit, totals=totals)
-    loss = out.loss
-    with torch.no_grad():
-        ppo_kl = F.masked_mean((old_log_prob.float() - log_prob.detach().float()).reshape(1, -1), mask.reshape(1, -1))[0]
-    metrics = {"actor/pg_clipfrac": out.metrics.get("clip_fraction", zero), "actor/ppo_kl": ppo_kl}
-    metrics.update({f"rlcredit/{k}": v.detach() for k, v in out.metrics.items() if k != "clip_fraction"})
-    return loss, metrics
-
-
+    totals = verl_totals(loss_cfg.aggregation, mask, dp_size=info.get("dp_size", 1),
+                         batch_num_tokens=info.get("batch_num_tokens"), global_batch_size=info.get("global_batch_size"),
+                         loss_scale_factor=info.get("loss_scale_factor"), max_length=getattr(loss_cfg, "max_length", None))
+    out = loss_cfg(logp, rollout, credit, totals=totals)
+    metrics = _verl_metrics(loss_cfg, log_prob, old_log_prob, advantages, mask, out.metrics)
+    metrics.update({f"actor/rlcredit/{k}": out.metrics[k].detach() for k in out.metrics
+                    if k not in ("pg_loss", "clip_fraction", "kept_fraction")})
+    return out.loss, metrics
