@@ -14,7 +14,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcredit.validators import in_range
+from rlcredit.validators import int_at_least, to_number
 from rlcredit.errors import AdapterError, RolloutError
 
 __all__ = ["HFPolicy", "TokenStats"]
@@ -103,8 +103,8 @@ class HFPolicy:
     """
 
     model: Any
-    rows_per_chunk: int = attrs.field(default=4, validator=in_range(1))
-    tokens_per_chunk: int = attrs.field(default=32, validator=in_range(1))
+    rows_per_chunk: int = attrs.field(default=4, converter=to_number, validator=int_at_least(1))
+    tokens_per_chunk: int = attrs.field(default=32, converter=to_number, validator=int_at_least(1))
     adapter: Any = None
 
     def __attrs_post_init__(self) -> None:

@@ -7,6 +7,7 @@ non-finite value fails here, naming the field, instead of deep inside a kernel.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Union
@@ -16,19 +17,28 @@ import torch
 from torch import Tensor
 
 from rlcredit.errors import RolloutError
-from rlcredit.functional._checks import ensure
+from rlcredit.functional._checks import FLOAT32_MAX, ensure, storage_problem
 
 __all__ = ["Rollout", "Credit", "LossOutput", "EstimatorOutput", "Rows"]
 
 Rows = Union[Tensor, slice, "list[int]", "list[bool]", range]
-"""Row selector for ``select``: integer indices in ``[0, B)`` (a tensor, list or range), a bool mask of
-length ``B`` (a tensor or list), or a slice."""
+"""Row selector for ``select``: integer indices in ``[0, B)`` (a tensor, NumPy array, list or range), a
+bool mask of length ``B`` (a tensor, NumPy array or list), or a slice."""
 
 
-def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+def _frozen_mapping(value: Mapping[str, Any] | None, where: str = "a mapping field") -> Mapping[str, Any]:
     if isinstance(value, LazyMetrics):
         return value
+    if value is not None and not isinstance(value, Mapping):
+        raise RolloutError(
+            f"{where} must be a mapping name -> tensor (e.g. {{'entropy': tensor}}), got {type(value).__name__}."
+        )
     return MappingProxyType(dict(value or {}))
+
+
+def _mapping(where: str):
+    """The converter of one mapping field: read-only, with an error that names the field."""
+    return lambda value: _frozen_mapping(value, where)
 
 
 class LazyMetrics(Mapping):
@@ -67,6 +77,11 @@ class LazyMetrics(Mapping):
 
 
 def _optional_frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if value is not None and not isinstance(value, Mapping):
+        raise RolloutError(
+            f"Rollout.model_inputs must be a mapping (the model's keyword arguments, e.g. {{'input_ids': ..., "
+            f"'attention_mask': ...}}) or None, got {type(value).__name__}."
+        )
     return None if value is None else MappingProxyType(dict(value))
 
 
@@ -86,12 +101,16 @@ def _describe(x: Any) -> str:
 
 def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.device | None,
                   kind: str, finite: bool = True, trailing: bool = False) -> None:
-    """Raise RolloutError unless ``x`` is a tensor of ``shape`` (leading dims if ``trailing``) and ``kind``.
+    """Raise RolloutError unless ``x`` is a dense tensor of ``shape`` (leading dims if ``trailing``) and ``kind``.
 
-    ``kind`` is ``"bool"``, ``"int"``, ``"float"`` or ``"any"``.
+    ``kind`` is ``"bool"``, ``"int"``, ``"float"`` or ``"any"`` (any real dtype). Float values
+    must be finite in float32 (see ``_check_finite``).
     """
     if not isinstance(x, Tensor):
         raise RolloutError(f"{owner}.{name} must be a torch.Tensor of shape {list(shape)}, got {_describe(x)}.")
+    problem = storage_problem(x)
+    if problem is not None:
+        raise RolloutError(f"{owner}.{name} {problem}.")
     actual = tuple(x.shape)
     ok = actual[: len(shape)] == shape if trailing else actual == shape
     if not ok:
@@ -106,60 +125,99 @@ def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.
         raise RolloutError(f"{owner}.{name} must be an integer tensor (int64), got {x.dtype}; convert with `.long()`.")
     if kind == "float" and not x.dtype.is_floating_point:
         raise RolloutError(f"{owner}.{name} must be a floating tensor, got {x.dtype}; convert with `.float()`.")
+    if x.dtype.is_complex:
+        raise RolloutError(f"{owner}.{name} must hold real values, got {x.dtype}; pass `.real` or `.abs()`.")
     if device is not None and x.device != device:
         raise RolloutError(
             f"{owner}.{name} is on {x.device} but the rest of the rollout is on {device}; move it with `.to({str(device)!r})`."
         )
     if finite and x.dtype.is_floating_point:
-        ensure(torch.isfinite(x).all(), lambda: (
-            f"{owner}.{name} contains {int((~torch.isfinite(x)).sum())} non-finite value(s) (NaN or inf); every "
-            f"entry must be finite, padding positions included (fill them with 0)."))
+        _check_finite(f"{owner}.{name}", x)
+
+
+def _check_finite(where: str, x: Tensor) -> None:
+    """The one value rule of float inputs: finite in float32, where every computation runs.
+
+    float64 values beyond float32's range (``|x| > 3.4e38``) would turn into ``inf`` there, so
+    they are rejected like NaN and inf; narrower dtypes only need ``isfinite``.
+    """
+    if x.dtype.itemsize > 4:
+        ok = x.abs() <= FLOAT32_MAX  # False for NaN too
+        what = f"NaN, inf, or beyond float32's range |x| <= {FLOAT32_MAX:.4g} where rlcredit computes: rescale them"
+    else:
+        ok = torch.isfinite(x)
+        what = "NaN or inf"
+    ensure(ok.all(), lambda: (
+        f"{where} contains {int((~ok).sum())} non-finite value(s) ({what}); every entry must be finite, padding "
+        f"positions included (fill them with 0)."))
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool) or type(v).__name__ == "bool_"  # NumPy's bool scalar is not a Python bool
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not _is_bool(v)
 
 
 def _index(rows: Rows, n: int, device: torch.device) -> Tensor:
     """The one row-selection rule of ``Rollout.select`` and ``Credit.select``, as an int64 index tensor.
 
-    Accepted: integer indices in ``[0, n)`` (a 1-D integer tensor, a list or tuple of ints, a
-    range), a bool mask of length ``n`` (a 1-D bool tensor or a list of bools), or a slice.
+    Accepted: integer indices in ``[0, n)`` (a 1-D integer tensor or NumPy array, a list or tuple of
+    ints, a range), a bool mask of length ``n`` (a 1-D bool tensor or NumPy array, a list or tuple
+    of bools), or a slice. Indices may repeat (the row is then taken twice) and come in any order.
     Rejected, with a ``RolloutError``: negative or out-of-range indices, floats, a mix of bools
-    and ints, other types, and an empty selection.
+    and ints, a bare int (write ``[i]``), other types, and an empty selection.
     """
+    where = "select(rows)"
     if isinstance(rows, slice):
+        if not all(v is None or _is_int(v) for v in (rows.start, rows.stop, rows.step)) or rows.step == 0:
+            raise RolloutError(f"{where}: a slice needs int (or None) start, stop and a non-zero step, got {rows!r}.")
         idx = torch.as_tensor(range(n)[rows], dtype=torch.long)
     elif isinstance(rows, (list, tuple, range)):
         items = list(rows)
-        if items and all(isinstance(v, bool) for v in items):
-            rows = torch.tensor(items, dtype=torch.bool)
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-            rows = torch.tensor(items, dtype=torch.long)
+        if items and all(_is_bool(v) for v in items):
+            idx = torch.tensor([bool(v) for v in items], dtype=torch.bool)
+        elif all(_is_int(v) for v in items):
+            try:
+                idx = torch.tensor([int(v) for v in items], dtype=torch.long)
+            except RuntimeError:  # an int beyond int64
+                raise RolloutError(f"{where}: row indices must lie in [0, {n}), got {items[:8]!r}.") from None
         else:
-            bad = next(v for v in items if not isinstance(v, int) or isinstance(v, bool))
+            bad = next(v for v in items if not _is_int(v))
             raise RolloutError(
-                f"select(rows): a list of rows holds either ints (row indices) or bools (a mask of length {n}), "
+                f"{where}: a list of rows holds either ints (row indices) or bools (a mask of length {n}), "
                 f"got {bad!r} ({type(bad).__name__}) among {items[:8]!r}."
             )
-        idx = rows
     elif isinstance(rows, Tensor):
+        problem = storage_problem(rows)
+        if problem is not None:
+            raise RolloutError(f"{where}: the row tensor {problem}.")
         idx = rows
+    elif type(rows).__module__ == "numpy" and hasattr(rows, "dtype") and hasattr(rows, "ndim"):
+        if rows.dtype.kind not in "biu":
+            raise RolloutError(f"{where}: expected integer row indices or a bool mask, got a NumPy array of {rows.dtype}.")
+        idx = torch.as_tensor(rows.astype("int64") if rows.dtype.kind == "u" else rows)
     else:
+        hint = f"; for one row write [{rows!r}]" if _is_int(rows) else ""
         raise RolloutError(
-            f"select(rows) takes row indices (an int tensor, list or range), a bool mask of length {n} or a slice; "
-            f"got {type(rows).__name__}."
+            f"{where} takes row indices (an int tensor, list or range), a bool mask of length {n} or a slice; "
+            f"got {type(rows).__name__}{hint}."
         )
     if idx.dtype == torch.bool:
         if tuple(idx.shape) != (n,):
-            raise RolloutError(f"select(rows): a bool mask must have shape [{n}] (one entry per row), got {list(idx.shape)}.")
+            raise RolloutError(f"{where}: a bool mask must have shape [{n}] (one entry per row), got {list(idx.shape)}.")
         idx = idx.to(device).nonzero().flatten()
     elif idx.dtype.is_floating_point or idx.dtype.is_complex or idx.ndim != 1:
-        raise RolloutError(f"select(rows): expected 1-D integer row indices or a bool mask, got {_describe(idx)}.")
+        raise RolloutError(f"{where}: expected 1-D integer row indices or a bool mask, got {_describe(idx)}.")
     else:
         idx = idx.to(device=device, dtype=torch.long)
         if idx.numel():
             ensure(((idx >= 0) & (idx < n)).all(), lambda: (
-                f"select(rows): row indices must lie in [0, {n}) (no negative indices), got min {int(idx.min())}, "
+                f"{where}: row indices must lie in [0, {n}) (no negative indices), got min {int(idx.min())}, "
                 f"max {int(idx.max())}."))
     if idx.numel() == 0:
-        raise RolloutError("select(rows) selected no rows (B = 0); pass at least one row.")
+        raise RolloutError(f"{where} selected no rows (B = 0); pass at least one row.")
     return idx
 
 
@@ -205,7 +263,7 @@ class Rollout:
     group_ids: Tensor
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
-    signals: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    signals: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_mapping("Rollout.signals"))
     model_inputs: Mapping[str, Any] | None = attrs.field(default=None, converter=_optional_frozen_mapping)
     response_ids: Tensor | None = None
 
@@ -235,19 +293,30 @@ class Rollout:
                 raise RolloutError(f"Rollout.signals keys must be strings, got {key!r}.")
             _check_tensor("Rollout", f"signals[{key!r}]", value, shape=(B, T), device=dev, kind="any", trailing=True)
         if self.model_inputs is not None:
-            ids = self.model_inputs.get("input_ids")
-            if ids is not None:
-                if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < T:
-                    raise RolloutError(
-                        f"Rollout.model_inputs['input_ids'] must be [B, P+T] = [{B}, >= {T}] with the response "
-                        f"in the last T columns, got {_describe(ids)}."
-                    )
-                attn = self.model_inputs.get("attention_mask")
-                if attn is not None and (not isinstance(attn, Tensor) or tuple(attn.shape) != tuple(ids.shape)):
-                    raise RolloutError(
-                        f"Rollout.model_inputs['attention_mask'] must match input_ids {list(ids.shape)}, "
-                        f"got {_describe(attn)}."
-                    )
+            self._check_model_inputs(B, T)
+
+    def _check_model_inputs(self, B: int, T: int) -> None:
+        """Keys are strings; ``input_ids`` (when given) is a dense ``[B, P+T]`` integer tensor of token ids >= 0."""
+        for key in self.model_inputs:
+            if not isinstance(key, str):
+                raise RolloutError(f"Rollout.model_inputs keys must be the model's argument names (strings), got {key!r}.")
+        ids = self.model_inputs.get("input_ids")
+        if ids is None:
+            return
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < T:
+            raise RolloutError(
+                f"Rollout.model_inputs['input_ids'] must be [B, P+T] = [{B}, >= {T}] with the response "
+                f"in the last T columns, got {_describe(ids)}."
+            )
+        _check_tensor("Rollout", "model_inputs['input_ids']", ids, shape=tuple(ids.shape), device=None, kind="int")
+        ensure((ids >= 0).all(), lambda: "Rollout.model_inputs['input_ids'] holds negative token ids; token ids are "
+                                         ">= 0 (fill padding with the pad token id, and mark it in attention_mask).")
+        attn = self.model_inputs.get("attention_mask")
+        if attn is not None and (not isinstance(attn, Tensor) or tuple(attn.shape) != tuple(ids.shape)):
+            raise RolloutError(
+                f"Rollout.model_inputs['attention_mask'] must match input_ids {list(ids.shape)}, "
+                f"got {_describe(attn)}."
+            )
 
     @property
     def batch_size(self) -> int:
@@ -336,7 +405,7 @@ class EstimatorOutput:
     """
 
     score: Tensor
-    extras: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    extras: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_mapping("EstimatorOutput.extras"))
 
 
 @attrs.frozen(eq=False)
@@ -356,10 +425,10 @@ class Credit:
         tensor([1.])
     """
 
-    scores: Mapping[str, Tensor] = attrs.field(converter=_frozen_mapping)
+    scores: Mapping[str, Tensor] = attrs.field(converter=_mapping("Credit.scores"))
     token_weights: Tensor
     advantages: Tensor
-    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_mapping("Credit.metrics"))
 
     def __attrs_post_init__(self) -> None:
         w = self.token_weights
@@ -436,7 +505,7 @@ class LossOutput:
     """
 
     loss: Tensor
-    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_mapping("LossOutput.metrics"))
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.loss, Tensor) or self.loss.ndim != 0:

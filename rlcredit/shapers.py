@@ -19,7 +19,7 @@ from rlcredit.functional import Reducer
 from rlcredit.registry import register
 from rlcredit.requirements import Requirement, Score
 from rlcredit.rollout import Rollout
-from rlcredit.validators import in_range, is_bool, optional_str
+from rlcredit.validators import in_range, is_bool, optional_str, to_number
 
 __all__ = ["AdvantageShaper", "GroupNormalize", "GroupCenter", "LeaveOneOut", "DependencyScale"]
 
@@ -87,7 +87,7 @@ class GroupNormalize:
         tensor([ 0.7071, -0.7071,  0.0000])
     """
 
-    eps: float = attrs.field(default=1e-6, validator=in_range(0.0))
+    eps: float = attrs.field(default=1e-6, converter=to_number, validator=in_range(0.0))
     unbiased: bool = attrs.field(default=True, validator=is_bool)
 
     requires = ()
@@ -207,8 +207,9 @@ class DependencyScale:
     """
 
     score: str | None = attrs.field(default=None, validator=optional_str)
-    beta_min: float = attrs.field(default=0.9, validator=in_range(0.0))
-    beta_max: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(0.0)))
+    beta_min: float = attrs.field(default=0.9, converter=to_number, validator=in_range(0.0))
+    beta_max: float | None = attrs.field(default=None, converter=to_number,
+        validator=attrs.validators.optional(in_range(0.0)))
     scope: str | int = attrs.field(default="batch", validator=_shaping_scope)
     mean_scope: str | int | None = attrs.field(default=None, validator=_shaping_scope)
 

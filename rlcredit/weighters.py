@@ -28,7 +28,7 @@ from rlcredit.functional._stapo import spurious_token_mask
 from rlcredit.registry import register
 from rlcredit.requirements import Field, Requirement, Score, requirements_of
 from rlcredit.rollout import Rollout
-from rlcredit.validators import in_range, is_bool, one_of, optional_str, to_component, to_components
+from rlcredit.validators import in_range, is_bool, one_of, optional_str, to_component, to_components, to_number
 
 __all__ = ["TokenWeighter", "Uniform", "TopFraction", "Threshold", "SoftWeight", "Intersect", "Union",
            "Complement", "Stapo"]
@@ -175,7 +175,7 @@ class TopFraction:
         tensor([[0., 1., 1., 0.]])
     """
 
-    fraction: float = attrs.field(validator=in_range(0.0, 1.0, lo_open=True))
+    fraction: float = attrs.field(converter=to_number, validator=in_range(0.0, 1.0, lo_open=True))
     scope: str = attrs.field(default="sequence", validator=one_of(*F.SCOPES))
     score: str | None = attrs.field(default=None, validator=optional_str)
 
@@ -213,7 +213,7 @@ class Threshold:
         tensor([[1., 0., 0.]])
     """
 
-    value: float = attrs.field(validator=in_range())
+    value: float = attrs.field(converter=to_number, validator=in_range())
     score: str | None = attrs.field(default=None, validator=optional_str)
 
     @property
@@ -263,7 +263,7 @@ class SoftWeight:
         tensor([[1.4621, 0.5379, 0.0000]])
     """
 
-    temperature: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
+    temperature: float = attrs.field(default=1.0, converter=to_number, validator=in_range(0.0, lo_open=True))
     normalize: bool = attrs.field(default=False, validator=is_bool)
     score: str | None = attrs.field(default=None, validator=optional_str)
 
@@ -441,8 +441,8 @@ class Stapo:
                 [1., 1., 1.]])
     """
 
-    prob_threshold: float = attrs.field(default=0.002, validator=in_range(0.0, 1.0, lo_open=True))
-    entropy_quantile: float = attrs.field(default=0.75, validator=in_range(0.0, 1.0))
+    prob_threshold: float = attrs.field(default=0.002, converter=to_number, validator=in_range(0.0, 1.0, lo_open=True))
+    entropy_quantile: float = attrs.field(default=0.75, converter=to_number, validator=in_range(0.0, 1.0))
     score: str | None = attrs.field(default=None, validator=optional_str)
 
     @property

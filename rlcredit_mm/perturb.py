@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlcredit.validators import in_range
+from rlcredit.validators import in_range, to_number
 from rlcredit.errors import SpecError
 from rlcredit.registry import register
 from rlcredit_mm.adapters import adapter_for, config_of
@@ -274,7 +274,7 @@ class PatchBlackout(_PixelPerturbation):
         [0.0]
     """
 
-    p: float = attrs.field(default=0.5, validator=in_range(0.0, 1.0))
+    p: float = attrs.field(default=0.5, converter=to_number, validator=in_range(0.0, 1.0))
     patch_size: int | None = attrs.field(default=None, validator=_int_field(1, optional=True))
     seed: int = attrs.field(default=0, validator=_int_field())
 
@@ -307,7 +307,7 @@ class GaussianNoise(_PixelPerturbation):
         (0.5, True)
     """
 
-    std: float = attrs.field(default=0.5, validator=in_range(0.0))
+    std: float = attrs.field(default=0.5, converter=to_number, validator=in_range(0.0))
     seed: int = attrs.field(default=0, validator=_int_field())
 
     def perturb_images(self, images: Tensor, keys: Tensor, *, black: Tensor, patch_size: int) -> Tensor:
@@ -357,7 +357,7 @@ class Blur(_PixelPerturbation):
         (1.0, True)
     """
 
-    sigma: float = attrs.field(default=2.0, validator=in_range(0.0, lo_open=True))
+    sigma: float = attrs.field(default=2.0, converter=to_number, validator=in_range(0.0, lo_open=True))
     kernel_size: int | None = attrs.field(default=None, validator=_int_field(1, optional=True))
 
     def __attrs_post_init__(self) -> None:

@@ -63,6 +63,31 @@ class Totals(NamedTuple):
     world: int = 1
 
 
+def pow2_scale(top: torch.Tensor) -> torch.Tensor:
+    """A power of two ``2**(e-1)`` for ``top = m * 2**e`` (``0.5 <= m < 1``): ``top / scale`` is in ``[1, 2)``.
+
+    Dividing by a power of two is exact and commutes with every rounding (away from the
+    subnormals), so a statistic computed on ``x / scale`` and multiplied back by ``scale`` is
+    the statistic of ``x`` to the last bit, while squares and sums of ``x / scale`` cannot
+    overflow. ``top = 0`` gives 0.5. ``top`` is a float32 tensor of magnitudes (any shape).
+    """
+    _, exponent = torch.frexp(top)
+    return torch.ldexp(torch.ones_like(top), exponent - 1)
+
+
+def finite_sum(x: torch.Tensor, divisor: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``x.sum() / divisor`` of finite float32 ``x`` without overflow in the sum.
+
+    Equal to ``x.sum() / divisor`` to the last bit wherever that does not overflow (see
+    ``pow2_scale``); finite for finite ``x`` and ``divisor >= 1``. For metrics over ``[B, T]``
+    values (advantages, weights, scores) that may reach float32's range.
+    """
+    if x.numel() == 0:
+        return x.sum() / divisor
+    scale = pow2_scale(torch.linalg.vector_norm(x, float("inf")))
+    return (x / scale).sum() / divisor * scale
+
+
 def _check_mode(fn: str, mode: str, renormalize: bool, max_length: int | None) -> None:
     check_choice(fn, "aggregation mode", mode, AGGREGATIONS)
     if renormalize and mode in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):

@@ -6,14 +6,91 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rlcredit.errors import RolloutError
+from rlcredit.functional._aggregate import pow2_scale
 from rlcredit.functional._checks import check_bool, check_device, check_float, check_real, check_same_shape, check_shape
 
-__all__ = ["clipped_surrogate", "k3_kl", "sequence_log_ratio", "surrogate_loss"]
+__all__ = ["clipped_surrogate", "k3_kl", "sequence_log_ratio", "surrogate_loss", "float32_logprobs", "finite_loss",
+           "saturate"]
 
 # exp(20) ~ 4.9e8 is far beyond any clip range, and exp(+-20) is finite in bf16/fp16/fp32, so
 # clamping the log-ratio loses nothing that matters while a stale or -inf log-prob can no longer
 # turn the ratio into inf (whose loss is inf and whose clipped branch multiplies 0 by inf).
 _LOG_RATIO_BOUND = 20.0
+
+
+def saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` cast to ``dtype``, with values beyond its finite range set to its largest finite value.
+
+    The one rule for what a loss hands back when the exact value does not fit: a float32
+    gradient of 8e4 for a float16 log-prob becomes 65504 (float16's largest), never ``inf``, and a
+    loss beyond float32's range becomes +-3.4e38. NaN stays NaN (it can only come from a NaN input).
+    """
+    top = min(torch.finfo(dtype).max, torch.finfo(x.dtype).max)
+    return x.clamp(-top, top).to(dtype)
+
+
+class _Float32(torch.autograd.Function):
+    """``x.float()`` whose backward casts the gradient back to ``x``'s dtype with ``saturate``."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.in_dtype = x.dtype
+        return x.view_as(x) if x.dtype == torch.float32 else x.float()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return saturate(grad, ctx.in_dtype)
+
+
+def float32_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """The log-probs a loss computes with: float32, with gradients that fit the input's dtype.
+
+    Every loss computes in float32 whatever the log-probs' dtype, so the gradient it forms is a
+    float32 tensor; cast back to a float16 (or bfloat16) input it could exceed that dtype's range
+    (one token with old log-prob -12, new log-prob 0 and ``A < 0``: a gradient of 1.6e5 > 65504).
+    The gradient that flows back through this function is cast with ``saturate``: values beyond
+    the input dtype's largest finite number become that number, never ``inf``; a float32
+    gradient beyond 3.4e38 likewise. Idempotent: an input that already went through it is
+    returned as it is.
+
+    Args:
+        logprobs: ``[B, T]`` log-probs of any float dtype (may require grad).
+
+    Returns:
+        ``[B, T]`` float32, differentiable w.r.t. ``logprobs``.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional._loss import float32_logprobs
+        >>> lp = torch.zeros(1, 2, dtype=torch.float16, requires_grad=True)
+        >>> (float32_logprobs(lp) * torch.tensor([1e5, -2.0])).sum().backward()
+        >>> lp.grad  # 1e5 does not fit float16: it saturates at 65504
+        tensor([[65504.,    -2.]], dtype=torch.float16)
+    """
+    if isinstance(logprobs.grad_fn, _Float32._backward_cls):
+        return logprobs
+    return _Float32.apply(logprobs)
+
+
+class _FiniteValue(torch.autograd.Function):
+    """A scalar loss saturated to float32's range in value; its gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return saturate(x, torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad
+
+
+def finite_loss(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` (float32) with a value beyond float32's range set to +-3.4e38 (``saturate``).
+
+    The gradient is left as it is: a loss whose exact value does not fit float32 still trains
+    (through gradients that ``float32_logprobs`` keeps finite) instead of becoming ``inf``.
+    """
+    return _FiniteValue.apply(loss)
 
 
 def _opt_mask(fn: str, mask: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor | None:
@@ -225,6 +302,13 @@ def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask:
     return torch.where(mask, lp - lp.detach(), zero) + seq[:, None]
 
 
+def _largest(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` as a float32 0-d tensor (0 for an empty ``x``)."""
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device)
+    return torch.linalg.vector_norm(x, float("inf"))
+
+
 class _Surrogate(torch.autograd.Function):
     """The loss of ``surrogate_loss`` with its gradient formed in the forward pass.
 
@@ -240,19 +324,29 @@ class _Surrogate(torch.autograd.Function):
         zero = torch.zeros((), device=log_ratio.device)
         neg_logp = None
         if penalty:
-            # A select, not a product: padding log-probs may be NaN or inf.
-            neg_logp = -torch.dot(entropy_coef.reshape(-1), torch.where(mask, logprobs.float(), zero).reshape(-1))
+            # A select, not a product: padding log-probs may be NaN or inf. Log-probs are <= 0, so
+            # the terms share a sign and an overflow can only saturate (never inf - inf).
+            logp = torch.where(mask, logprobs.float(), zero)
+            neg_logp = saturate(-torch.dot(entropy_coef.reshape(-1), logp.reshape(-1)), torch.float32)
         ratio = torch.where(mask, log_ratio, zero).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND).exp()
         kept = torch.minimum(torch.maximum(ratio, lo), hi)  # the ratio the pessimistic (and dual) clip keeps
-        pg = torch.dot(coef_neg_adv.reshape(-1), kept.reshape(-1))
+        # c * (-A) may come near float32's range (huge rewards under Dr. GRPO) and kept reach e^20:
+        # the value and the gradient are formed from c * (-A) / scale, a power of two (exact), so
+        # nothing overflows on the way and both equal the unscaled results to the last bit.
+        top = _largest(coef_neg_adv)
+        if penalty:
+            top = torch.maximum(top, penalty * _largest(entropy_coef))
+        scale = pow2_scale(top)
+        scaled = coef_neg_adv / scale
+        pg = saturate(torch.dot(scaled.reshape(-1), kept.reshape(-1)) * scale, torch.float32)
         active = kept == ratio  # where the gradient flows (padding included: ratio 1 is inside every range)
         # A distinct tensor even without the entropy term: pg is returned as a non-differentiable metric.
-        loss = pg.clone() if neg_logp is None else pg + penalty * neg_logp
+        loss = pg.clone() if neg_logp is None else saturate(pg + penalty * neg_logp, torch.float32)
         if ctx.needs_input_grad[0]:
-            grad = torch.where(active & mask, coef_neg_adv * ratio, zero)
+            grad = torch.where(active & mask, scaled * ratio, zero)  # the gradient / scale
             if penalty:
-                grad = grad - penalty * entropy_coef
-            ctx.save_for_backward(grad)
+                grad = grad - penalty * entropy_coef / scale
+            ctx.save_for_backward(grad, scale)
             ctx.in_dtype = logprobs.dtype
         outputs = (pg, active) if neg_logp is None else (pg, neg_logp, active)
         ctx.mark_non_differentiable(*outputs)
@@ -261,8 +355,9 @@ class _Surrogate(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.in_dtype), *([None] * 7)
+        grad, scale = ctx.saved_tensors
+        # Beyond float32's (or the log-probs' dtype's) range the gradient saturates, never inf.
+        return saturate(grad * (grad_loss * scale), ctx.in_dtype), *([None] * 7)
 
 
 def surrogate_loss(
@@ -326,5 +421,7 @@ def surrogate_loss(
     neg_adv = -advantages
     if advantages.dim() == 1:
         lo, hi, neg_adv = lo[:, None], hi[:, None], neg_adv[:, None]
-    return _Surrogate.apply(logprobs, log_ratio, coefficients * neg_adv, lo, hi, mask, float(entropy_penalty),
+    # Saturated: coefficients times advantages near float32's range must not become inf.
+    coef_neg_adv = saturate(coefficients * neg_adv, torch.float32)
+    return _Surrogate.apply(logprobs, log_ratio, coef_neg_adv, lo, hi, mask, float(entropy_penalty),
                             entropy_coefficients)
