@@ -16,6 +16,7 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import Reducer
+from rlcredit.functional._aggregate import length_scale
 from rlcredit.registry import register
 from rlcredit.requirements import Requirement, Score
 from rlcredit.rollout import Rollout
@@ -240,7 +241,9 @@ class DependencyScale:
         # Scores are 0 on padding (every estimator's contract; Strategy zeroes a third-party
         # estimator's padding), so the row sum is the sum over valid tokens: one read of [B, T].
         n = rollout.token_counts
-        mean = s.sum(-1) / n.clamp_min(1)
+        # Pre-divided by a power of two >= T (exact): row sums of huge scores cannot overflow.
+        P = length_scale(s.shape[-1])
+        mean = (s / P).sum(-1) / n.clamp_min(1) * P
         alpha = F.dependency_scale(
             mean, n > 0,
             beta_min=self.beta_min, beta_max=self.beta_max, scope=self.scope, mean_scope=self.mean_scope,

@@ -294,7 +294,11 @@ class Strategy:
         self._check_requirements(rollout, POLICY, self._components()[-1:])
         extra = {} if totals is None else {"totals": totals}
         # Every loss computes in float32; the gradient it returns fits the log-probs' dtype.
-        return self.policy_loss(float32_logprobs(logprobs), rollout, credit, reducer=reducer, **extra)
+        out = self.policy_loss(float32_logprobs(logprobs), rollout, credit, reducer=reducer, **extra)
+        if not isinstance(out, LossOutput):
+            raise RolloutError(f"policy_loss {type(self.policy_loss).__name__} must return a rlcredit.LossOutput(loss, "
+                               f"metrics), got {type(out).__name__}.")
+        return out
 
     # ------------------------------------------------------------------------------------------
 

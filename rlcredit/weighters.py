@@ -24,6 +24,7 @@ from rlcredit import functional as F
 from rlcredit._outputs import per_token
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import Reducer
+from rlcredit.functional._aggregate import pow2_scale
 from rlcredit.functional._stapo import spurious_token_mask
 from rlcredit.registry import register
 from rlcredit.requirements import Field, Requirement, Score, requirements_of
@@ -275,11 +276,15 @@ class SoftWeight:
         mask = rollout.response_mask
         zero = torch.zeros((), device=mask.device)
         s = torch.where(mask, Score(self.score).read(scores, "weighter soft").float(), zero)
+        # Each row divided by a power of two near its largest |score| (exact, so z is unchanged to
+        # the last bit): neither the row sum nor the squares can overflow for scores up to 3.4e38.
+        scale = pow2_scale(s.abs().amax(-1, keepdim=True)) if s.numel() else torch.ones_like(s[:, :1])
+        s = s / scale
         n = mask.sum(-1, keepdim=True).clamp_min(1).float()
         mean = s.sum(-1, keepdim=True) / n
         dev = torch.where(mask, s - mean, zero)
         std = (dev.square().sum(-1, keepdim=True) / n).sqrt()
-        w = torch.where(mask, torch.sigmoid(dev / (std + 1e-6) / self.temperature), zero)
+        w = torch.where(mask, torch.sigmoid(dev / (std + 1e-6 / scale) / self.temperature), zero)
         if self.normalize:
             total = w.sum(-1, keepdim=True)
             # sigmoid > 0, so a response with a valid token has total > 0; the guard is for T_i = 0.

@@ -15,13 +15,16 @@ import torch
 
 from rlcredit.errors import RLCreditError
 from rlcredit.functional._checks import (
+    FLOAT32_MAX,
     check_bool,
     check_choice,
     check_device,
     check_float,
     check_positive_int,
+    check_real,
     check_same_shape,
     check_shape,
+    ensure,
 )
 from rlcredit.functional._reduce import Reducer, all_max, all_sum, world_size
 
@@ -73,6 +76,15 @@ def pow2_scale(top: torch.Tensor) -> torch.Tensor:
     """
     _, exponent = torch.frexp(top)
     return torch.ldexp(torch.ones_like(top), exponent - 1)
+
+
+def length_scale(T: int) -> float:
+    """The smallest power of two ``P >= T``: a sum of ``T`` finite float32 terms divided by ``P`` cannot overflow.
+
+    Known on the host (no pass over the data); dividing by it is exact, so ``sum(x / P) * P`` is
+    ``sum(x)`` to the last bit wherever that is finite (away from subnormal terms).
+    """
+    return float(2 ** max(T - 1, 0).bit_length())
 
 
 def finite_sum(x: torch.Tensor, divisor: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -212,10 +224,43 @@ def loss_coefficients(
         check_float(fn, "weights", weights)
     check_device(fn, [("mask", mask), ("weights", weights)])
     _check_mode(fn, mode, renormalize, max_length)
+    if totals is not None:
+        _check_totals(fn, totals)
     # A select, not a product: weights on padding may be anything, NaN included.
     w = mask.float() if weights is None else torch.where(mask, weights.float(), torch.zeros((), device=mask.device))
+    if weights is not None and w.numel():
+        # w * l folds a weight into the clipped surrogate exactly only for w >= 0; a negative (or
+        # NaN) weight would silently flip the clip's pessimism. Padding weights are ignored.
+        low, high = torch.aminmax(w)  # NaN propagates: both tests fail
+        ensure((low >= 0) & (high <= FLOAT32_MAX), lambda: (
+            f"{fn}: `weights` holds negative or non-finite values on valid tokens (min {low.item()}, max "
+            f"{high.item()}); token weights are finite and >= 0 (put signs in the advantages)."), RLCreditError)
     return w * coefficient_scale(mask, w, mode=mode, renormalize=renormalize, max_length=max_length,
                                  reducer=reducer, totals=totals)
+
+
+def _check_totals(fn: str, totals: object) -> None:
+    """``Totals`` whose statistics are finite and >= 0 (numbers or tensors) and whose ``world`` is an int >= 1."""
+    if not isinstance(totals, Totals):
+        raise RLCreditError(
+            f"{fn}: `totals` must be a rlcredit.functional.Totals (e.g. from batch_totals or a loss's "
+            f".totals(rollout, credit)), got {type(totals).__name__}."
+        )
+    check_positive_int(fn, "totals.world", totals.world)
+    for name in ("tokens", "weight", "rows", "length"):
+        value = getattr(totals, name)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+                raise RLCreditError(f"{fn}: `totals.{name}` must be a real scalar, got a {value.dtype} tensor of "
+                                    f"shape {list(value.shape)}.")
+            v = value.detach().float()
+            ensure(((v >= 0) & (v <= FLOAT32_MAX)).all(), lambda: (
+                f"{fn}: `totals.{name}` must be finite and >= 0 (a count or a sum of weights), got {v.item()}."),
+                RLCreditError)
+        else:
+            check_real(fn, f"totals.{name}", value, low=0.0)
 
 
 def coefficient_scale(
@@ -365,5 +410,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = check_same_shape(fn, "mask", mask, "x", x)
     check_bool(fn, "mask", mask)
     check_device(fn, [("x", x), ("mask", mask)])
-    total = torch.where(mask, x.float(), torch.zeros((), device=x.device)).sum(-1)
-    return total / mask.sum(-1).clamp_min(1)
+    # Pre-divided by a power of two >= T (exact): the row sum of values near float32's range cannot overflow.
+    P = length_scale(x.shape[-1])
+    total = torch.where(mask, x.float() / P, torch.zeros((), device=x.device)).sum(-1)
+    return total / mask.sum(-1).clamp_min(1) * P
