@@ -211,8 +211,8 @@ class DependencyScale:
     beta_min: float = attrs.field(default=0.9, converter=to_number, validator=in_range(0.0))
     beta_max: float | None = attrs.field(default=None, converter=to_number,
         validator=attrs.validators.optional(in_range(0.0)))
-    scope: str | int = attrs.field(default="batch", validator=_shaping_scope)
-    mean_scope: str | int | None = attrs.field(default=None, validator=_shaping_scope)
+    scope: str | int = attrs.field(default="batch", converter=to_number, validator=_shaping_scope)
+    mean_scope: str | int | None = attrs.field(default=None, converter=to_number, validator=_shaping_scope)
 
     def __attrs_post_init__(self) -> None:
         if self.beta_max is None and self.beta_min > 1:
