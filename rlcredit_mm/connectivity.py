@@ -457,7 +457,7 @@ class AttentionConnectivity:
     sink_quantile: float = attrs.field(default=0.99, converter=to_number, validator=in_range(0.0, 1.0))
     sink_first_keys: int = attrs.field(default=1, converter=to_number, validator=int_at_least(0))
     auto_layers: int = attrs.field(default=4, converter=to_number, validator=int_at_least(1))
-    query_chunk: int = attrs.field(default=64, validator=int_at_least(1))
+    query_chunk: int = attrs.field(default=64, converter=to_number, validator=int_at_least(1))
 
     requires = (POLICY, Field("model_inputs"))
     extras = ("profile",)
