@@ -45,7 +45,12 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
         kind: one of ``"estimator"``, ``"weighter"``, ``"shaper"``, ``"loss"``, ``"perturbation"``,
             ``"adapter"``, ``"strategy"``.
         name: the name configs use (``snake_case``).
-        override: replace an existing registration instead of raising.
+        override: replace an existing registration instead of raising. Objects of the replaced
+            class keep working, but a spec can no longer name them (the name now builds the new
+            class): their ``to_spec()`` raises ``SpecError`` instead of writing a spec that would
+            rebuild something else, so ``build(s.to_spec()) == s`` whenever ``to_spec()`` succeeds.
+            A class registered under several names is written under the first that still refers
+            to it.
 
     Returns:
         A decorator that registers its argument and returns it unchanged.

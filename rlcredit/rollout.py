@@ -242,8 +242,10 @@ class Rollout:
         response_ids: ``[B, T]`` int64 or None, the sampled token ids of the responses (the
             integrations fill it), for estimators that read the text (``token_match``).
 
-    Every field is validated on construction: shapes, dtypes, one device, finite values (padding
-    included), non-negative token ids. A bad field raises ``rlcredit.RolloutError`` naming it.
+    Every field is validated on construction: shapes, dtypes, one device, dense tensors with
+    values (not sparse, not meta), values finite in float32 (padding included; float64 values
+    beyond ``3.4e38`` are refused, as the maths runs in float32), non-negative integer token ids.
+    A bad field raises ``rlcredit.RolloutError`` naming it.
 
     Examples:
         >>> import torch, rlcredit
@@ -364,8 +366,10 @@ class Rollout:
         """The rollout restricted to ``rows`` (for mini/micro-batches of the loss).
 
         ``rows`` follows one rule (``Credit.select`` too): integer indices in ``[0, B)`` (a
-        tensor, list or range), a bool mask of length ``B`` (a tensor or list), or a slice; an
-        empty selection, a negative or out-of-range index, or floats raise ``RolloutError``.
+        tensor, NumPy array, list or range; repeats allowed), a bool mask of length ``B`` (a
+        tensor, NumPy array or list: ``[True, False, True]`` picks rows 0 and 2), or a slice; an
+        empty selection, a negative or out-of-range index, floats, or a bare int raise
+        ``RolloutError``.
         ``model_inputs`` are dropped (set to None): their layout is architecture-specific (Qwen's
         flattened image patches have no row axis) and the loss never needs them. Run
         ``Strategy.assign`` on the full rollout, then ``select`` for the loss.

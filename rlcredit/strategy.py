@@ -261,8 +261,12 @@ class Strategy:
              reducer: Reducer | None = None, totals: Totals | None = None) -> LossOutput:
         """The differentiable policy loss of a (micro-)batch.
 
+        The loss computes in float32 whatever the log-probs' dtype and its gradient comes back in
+        their dtype, saturated at its largest finite value (65504 for float16) rather than inf.
+
         Args:
-            logprobs: ``[B, T]`` log-probs of the response tokens under the current policy (with grad).
+            logprobs: ``[B, T]`` log-probs of the response tokens under the current policy (with grad;
+                float32, bfloat16, float16 or float64).
             rollout: the rollout, or ``rollout.select(rows)`` for a micro-batch.
             credit: the credit from ``assign``, or ``credit.select(rows)`` (same rows).
             reducer: for denominators across ranks.

@@ -205,6 +205,11 @@ def loss_coefficients(
     Returns:
         ``[B, T]`` float32 coefficients, 0 on padding.
 
+    Raises:
+        RLCreditError: a negative or non-finite weight on a valid token (weights fold into a
+            clipped loss exactly only when ``>= 0``), or ``totals`` that are not a ``Totals`` of
+            finite, non-negative statistics.
+
     Examples:
         >>> import torch
         >>> from rlcredit.functional import aggregate, loss_coefficients

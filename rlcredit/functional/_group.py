@@ -77,7 +77,9 @@ def group_normalize(
     verl and 1e-4 in TRL. Degenerate groups are defined, not NaN: a group whose rewards are all
     equal gives exactly 0 (tested with ``max == min``, not by float cancellation), and so does a
     one-sample group (verl instead returns ``r_i`` for it; there is no baseline to subtract, so
-    we give it no signal). Rewards must be finite.
+    we give it no signal). Rewards must be finite; any finite float32 magnitude works (the moments
+    are taken of the rewards divided by a power of two near each group's largest, which is exact:
+    rewards of ``1e30`` normalise like rewards of ``1``).
 
     With a ``reducer`` the rewards and ids of every rank are gathered first, so a group whose
     rollouts are spread over ranks (TRL spreads a prompt's completions over processes) is

@@ -64,8 +64,8 @@ def float32_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
         >>> from rlcredit.functional._loss import float32_logprobs
         >>> lp = torch.zeros(1, 2, dtype=torch.float16, requires_grad=True)
         >>> (float32_logprobs(lp) * torch.tensor([1e5, -2.0])).sum().backward()
-        >>> lp.grad  # 1e5 does not fit float16: it saturates at 65504
-        tensor([[65504.,    -2.]], dtype=torch.float16)
+        >>> lp.grad.tolist()  # 1e5 does not fit float16: it saturates at 65504
+        [[65504.0, -2.0]]
     """
     if isinstance(logprobs.grad_fn, _Float32._backward_cls):
         return logprobs
@@ -316,7 +316,9 @@ class _Surrogate(torch.autograd.Function):
     ops and replays as many in the backward: on a GPU, where this loss is launch-bound, that is
     the cost. Here the gradient ``c_t (-A_t) rho_t`` on tokens inside their clip bounds (0
     elsewhere), minus the entropy term's constant ``penalty * e_t``, comes out of the passes that
-    give the value, and the backward is one multiply.
+    give the value, and the backward is one multiply. Both are formed divided by a power of two
+    near the largest ``|c A|`` (exact), so no intermediate overflows; a value or gradient whose
+    exact result is beyond float32 (or the log-probs' dtype) saturates (``saturate``).
     """
 
     @staticmethod

@@ -92,7 +92,11 @@ class ClippedSurrogate:
     ``F.aggregate(F.clipped_surrogate(...), ...)`` plus the entropy term through autograd, with
     the gradient ``-c_t A_t rho_t`` formed in the forward pass; a padding log-prob that is NaN or
     inf gets exactly 0 gradient, and a NaN on a valid token gives a NaN loss. It is
-    differentiable once (``create_graph=True`` raises).
+    differentiable once (``create_graph=True`` raises). Log-probs of any float dtype are read as
+    float32 and the gradient is cast back to their dtype; where an exact value does not fit (the
+    gradient ``e^12`` of one token in float16, a loss of advantages near float32's maximum times a
+    ratio of ``e^20``) it saturates at the dtype's largest finite value instead of becoming inf
+    (``rlcredit.functional._loss.saturate``).
 
     Args:
         clip_low: ``eps_low`` in ``[0, 1)``. clip_high: ``eps_high >= 0`` (DAPO 0.28).
