@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rlcredit.errors import RolloutError
-from rlcredit.functional._checks import FLOAT32_MAX, ensure, storage_problem
+from rlcredit.functional._checks import FLOAT32_MAX, check_weights, ensure, storage_problem
 
 __all__ = ["Rollout", "Credit", "LossOutput", "EstimatorOutput", "Rows"]
 
@@ -447,9 +447,7 @@ class Credit:
                 raise RolloutError(f"Credit.scores keys must be score names (strings), got {key!r}.")
             _check_tensor("Credit", f"scores[{key!r}]", value, shape=(B, T), device=w.device, kind="any", trailing=True)
         _check_tensor("Credit", "token_weights", w, shape=(B, T), device=w.device, kind="float")
-        ensure((w >= 0).all(), lambda: (
-            f"Credit.token_weights holds {int((w < 0).sum())} negative value(s); token weights are >= 0 (they fold "
-            f"into the loss as w * l, exact only for w >= 0). Clamp them, or put signs in the advantages."))
+        check_weights("Credit.token_weights", w)
         adv = self.advantages
         if not isinstance(adv, Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
             raise RolloutError(f"Credit.advantages must be [B] = [{B}] or [B, T] = [{B}, {T}], got {_describe(adv)}.")

@@ -16,7 +16,7 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import Reducer
-from rlcredit.functional._aggregate import length_scale
+from rlcredit.functional._finite import length_scale
 from rlcredit.registry import register
 from rlcredit.requirements import Requirement, Score
 from rlcredit.rollout import Rollout

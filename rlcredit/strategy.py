@@ -14,7 +14,7 @@ from rlcredit._outputs import per_token
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.estimators import DependencyEstimator
 from rlcredit.functional import Reducer, Totals
-from rlcredit.functional._aggregate import finite_sum
+from rlcredit.functional._finite import finite_sum
 from rlcredit.functional._loss import float32_logprobs
 from rlcredit.functional._reduce import check_reducer
 from rlcredit.losses import ClippedSurrogate, check_credit, check_logprobs

@@ -24,7 +24,7 @@ from rlcredit import functional as F
 from rlcredit._outputs import per_token
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import Reducer
-from rlcredit.functional._aggregate import pow2_scale
+from rlcredit.functional._finite import pow2_scale
 from rlcredit.functional._stapo import spurious_token_mask
 from rlcredit.registry import register
 from rlcredit.requirements import Field, Requirement, Score, requirements_of

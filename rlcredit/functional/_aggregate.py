@@ -24,8 +24,10 @@ from rlcredit.functional._checks import (
     check_real,
     check_same_shape,
     check_shape,
+    check_weights,
     ensure,
 )
+from rlcredit.functional._finite import finite_loss, length_scale, pow2_scale
 from rlcredit.functional._reduce import Reducer, all_max, all_sum, world_size
 
 __all__ = ["AGGREGATIONS", "Totals", "aggregate", "batch_totals", "loss_coefficients", "masked_mean"]
@@ -64,40 +66,6 @@ class Totals(NamedTuple):
     rows: torch.Tensor | float | None = None
     length: torch.Tensor | float | None = None
     world: int = 1
-
-
-def pow2_scale(top: torch.Tensor) -> torch.Tensor:
-    """A power of two ``2**(e-1)`` for ``top = m * 2**e`` (``0.5 <= m < 1``): ``top / scale`` is in ``[1, 2)``.
-
-    Dividing by a power of two is exact and commutes with every rounding (away from the
-    subnormals), so a statistic computed on ``x / scale`` and multiplied back by ``scale`` is
-    the statistic of ``x`` to the last bit, while squares and sums of ``x / scale`` cannot
-    overflow. ``top = 0`` gives 0.5. ``top`` is a float32 tensor of magnitudes (any shape).
-    """
-    _, exponent = torch.frexp(top)
-    return torch.ldexp(torch.ones_like(top), exponent - 1)
-
-
-def length_scale(T: int) -> float:
-    """The smallest power of two ``P >= T``: a sum of ``T`` finite float32 terms divided by ``P`` cannot overflow.
-
-    Known on the host (no pass over the data); dividing by it is exact, so ``sum(x / P) * P`` is
-    ``sum(x)`` to the last bit wherever that is finite (away from subnormal terms).
-    """
-    return float(2 ** max(T - 1, 0).bit_length())
-
-
-def finite_sum(x: torch.Tensor, divisor: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """``x.sum() / divisor`` of finite float32 ``x`` without overflow in the sum.
-
-    Equal to ``x.sum() / divisor`` to the last bit wherever that does not overflow (see
-    ``pow2_scale``); finite for finite ``x`` and ``divisor >= 1``. For metrics over ``[B, T]``
-    values (advantages, weights, scores) that may reach float32's range.
-    """
-    if x.numel() == 0:
-        return x.sum() / divisor
-    scale = pow2_scale(torch.linalg.vector_norm(x, float("inf")))
-    return (x / scale).sum() / divisor * scale
 
 
 def _check_mode(fn: str, mode: str, renormalize: bool, max_length: int | None) -> None:
@@ -233,13 +201,6 @@ def loss_coefficients(
         _check_totals(fn, totals)
     # A select, not a product: weights on padding may be anything, NaN included.
     w = mask.float() if weights is None else torch.where(mask, weights.float(), torch.zeros((), device=mask.device))
-    if weights is not None and w.numel():
-        # w * l folds a weight into the clipped surrogate exactly only for w >= 0; a negative (or
-        # NaN) weight would silently flip the clip's pessimism. Padding weights are ignored.
-        low, high = torch.aminmax(w)  # NaN propagates: both tests fail
-        ensure((low >= 0) & (high <= FLOAT32_MAX), lambda: (
-            f"{fn}: `weights` holds negative or non-finite values on valid tokens (min {low.item()}, max "
-            f"{high.item()}); token weights are finite and >= 0 (put signs in the advantages)."), RLCreditError)
     return w * coefficient_scale(mask, w, mode=mode, renormalize=renormalize, max_length=max_length,
                                  reducer=reducer, totals=totals)
 
@@ -380,12 +341,20 @@ def aggregate(
     check_float(fn, "per_token", per_token)
     mask = check_same_shape(fn, "mask", mask, "per_token", per_token)
     check_device(fn, [("per_token", per_token), ("mask", mask)])
+    zero = torch.zeros((), device=per_token.device)
+    if isinstance(weights, torch.Tensor) and weights.shape == mask.shape and weights.is_floating_point():
+        # w * l folds a weight in exactly only for w >= 0: a negative (or NaN) weight would
+        # silently flip a clipped loss's pessimism. Padding weights are ignored.
+        check_weights(f"{fn}: `weights` on valid tokens", torch.where(mask, weights.float(), zero), RLCreditError)
     coef = loss_coefficients(mask, weights, mode=mode, renormalize=renormalize, max_length=max_length,
                              reducer=reducer, totals=totals)
     # where(), not a product with the mask: 0 * inf and 0 * nan on padding would poison the sum
-    # and, through the product's backward, the gradient of every padding position.
-    zero = torch.zeros((), device=per_token.device)
-    return (torch.where(mask, per_token.float(), zero) * coef).sum()
+    # and, through the product's backward, the gradient of every padding position. The values are
+    # divided by a power of two near their largest (exact, detached: the gradient is unchanged), so
+    # per-token losses anywhere in float32's range cannot overflow the sum on the way.
+    x = torch.where(mask, per_token.float(), zero)
+    scale = pow2_scale(torch.linalg.vector_norm(x.detach(), float("inf"))) if x.numel() else torch.ones((), device=x.device)
+    return finite_loss(((x / scale) * coef).sum() * scale)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,31 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: The largest int64: integer hyper-parameters end up in int64 tensors or seeds.
 INT64_MAX = 2**63 - 1
 
+#: The largest token weight. Weights are relative importances (0/1 masks, soft weights up to the
+#: response length, anchors 1.5); below 1e20 a weight times a ratio of e^20, the world size and a
+#: batch of tokens stays far inside float32, so the loss and its gradient need no clamping there.
+TOKEN_WEIGHT_MAX = 1e20
+
+
+def check_weights(where: str, w: torch.Tensor, error: type[Exception] = RolloutError) -> None:
+    """The one rule for token weights: ``0 <= w <= 1e20`` (NaN and inf fail), via ``ensure``.
+
+    One ``aminmax`` pass. Callers pass the entries that count (``Credit``: all; ``aggregate``:
+    the valid tokens, padding zeroed).
+    """
+    if w.numel() == 0:
+        return
+    low, high = torch.aminmax(w.detach())  # NaN propagates: both tests fail
+
+    def message() -> str:
+        counts = {"negative": int((w < 0).sum()), f"above {TOKEN_WEIGHT_MAX:g}": int((w > TOKEN_WEIGHT_MAX).sum()),
+                  "NaN": int(w.isnan().sum())}
+        found = " and ".join(f"{n} {what} value(s)" for what, n in counts.items() if n)
+        return (f"{where} holds {found}; token weights lie in [0, {TOKEN_WEIGHT_MAX:g}] (they fold into the loss "
+                f"as w * l, exact only for w >= 0). Put signs in the advantages; rescale relative weights.")
+
+    ensure((low >= 0) & (high <= TOKEN_WEIGHT_MAX), message, error)
+
 
 def real_problem(
     value: object,

@@ -12,7 +12,7 @@ from rlcredit.functional._checks import (
     check_shape,
 )
 from rlcredit.errors import RLCreditError, RolloutError
-from rlcredit.functional._aggregate import pow2_scale
+from rlcredit.functional._finite import pow2_scale
 from rlcredit.functional._reduce import GroupIndex, Reducer
 
 __all__ = ["group_normalize", "group_center", "leave_one_out", "overlong_penalty"]

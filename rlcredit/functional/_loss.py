@@ -6,27 +6,15 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rlcredit.errors import RolloutError
-from rlcredit.functional._aggregate import pow2_scale
+from rlcredit.functional._finite import finite_loss, pow2_scale, saturate
 from rlcredit.functional._checks import check_bool, check_device, check_float, check_real, check_same_shape, check_shape
 
-__all__ = ["clipped_surrogate", "k3_kl", "sequence_log_ratio", "surrogate_loss", "float32_logprobs", "finite_loss",
-           "saturate"]
+__all__ = ["clipped_surrogate", "k3_kl", "sequence_log_ratio", "surrogate_loss", "float32_logprobs"]
 
 # exp(20) ~ 4.9e8 is far beyond any clip range, and exp(+-20) is finite in bf16/fp16/fp32, so
 # clamping the log-ratio loses nothing that matters while a stale or -inf log-prob can no longer
 # turn the ratio into inf (whose loss is inf and whose clipped branch multiplies 0 by inf).
 _LOG_RATIO_BOUND = 20.0
-
-
-def saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` cast to ``dtype``, with values beyond its finite range set to its largest finite value.
-
-    The one rule for what a loss hands back when the exact value does not fit: a float32
-    gradient of 8e4 for a float16 log-prob becomes 65504 (float16's largest), never ``inf``, and a
-    loss beyond float32's range becomes +-3.4e38. NaN stays NaN (it can only come from a NaN input).
-    """
-    top = min(torch.finfo(dtype).max, torch.finfo(x.dtype).max)
-    return x.clamp(-top, top).to(dtype)
 
 
 class _Float32(torch.autograd.Function):
@@ -70,27 +58,6 @@ def float32_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     if isinstance(logprobs.grad_fn, _Float32._backward_cls):
         return logprobs
     return _Float32.apply(logprobs)
-
-
-class _FiniteValue(torch.autograd.Function):
-    """A scalar loss saturated to float32's range in value; its gradient passes unchanged."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        return saturate(x, torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad
-
-
-def finite_loss(loss: torch.Tensor) -> torch.Tensor:
-    """``loss`` (float32) with a value beyond float32's range set to +-3.4e38 (``saturate``).
-
-    The gradient is left as it is: a loss whose exact value does not fit float32 still trains
-    (through gradients that ``float32_logprobs`` keeps finite) instead of becoming ``inf``.
-    """
-    return _FiniteValue.apply(loss)
 
 
 def _opt_mask(fn: str, mask: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor | None:
@@ -302,13 +269,6 @@ def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask:
     return torch.where(mask, lp - lp.detach(), zero) + seq[:, None]
 
 
-def _largest(x: torch.Tensor) -> torch.Tensor:
-    """``max |x|`` as a float32 0-d tensor (0 for an empty ``x``)."""
-    if x.numel() == 0:
-        return torch.zeros((), device=x.device)
-    return torch.linalg.vector_norm(x, float("inf"))
-
-
 class _Surrogate(torch.autograd.Function):
     """The loss of ``surrogate_loss`` with its gradient formed in the forward pass.
 
@@ -316,13 +276,14 @@ class _Surrogate(torch.autograd.Function):
     ops and replays as many in the backward: on a GPU, where this loss is launch-bound, that is
     the cost. Here the gradient ``c_t (-A_t) rho_t`` on tokens inside their clip bounds (0
     elsewhere), minus the entropy term's constant ``penalty * e_t``, comes out of the passes that
-    give the value, and the backward is one multiply. Both are formed divided by a power of two
-    near the largest ``|c A|`` (exact), so no intermediate overflows; a value or gradient whose
-    exact result is beyond float32 (or the log-probs' dtype) saturates (``saturate``).
+    give the value, and the backward is one multiply. Both are formed from ``c (-A) / scale``
+    (``scale`` a power of two >= 1 near the largest ``|A|``: exact), so advantages anywhere in
+    float32's range times ratios of ``e^20`` overflow nothing on the way; a value or gradient
+    whose exact result is beyond float32 saturates (``saturate``).
     """
 
     @staticmethod
-    def forward(ctx, logprobs, log_ratio, coef_neg_adv, lo, hi, mask, penalty, entropy_coef):  # type: ignore[override]
+    def forward(ctx, logprobs, log_ratio, scaled, scale, lo, hi, mask, penalty, entropy_coef):  # type: ignore[override]
         zero = torch.zeros((), device=log_ratio.device)
         neg_logp = None
         if penalty:
@@ -332,14 +293,6 @@ class _Surrogate(torch.autograd.Function):
             neg_logp = saturate(-torch.dot(entropy_coef.reshape(-1), logp.reshape(-1)), torch.float32)
         ratio = torch.where(mask, log_ratio, zero).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND).exp()
         kept = torch.minimum(torch.maximum(ratio, lo), hi)  # the ratio the pessimistic (and dual) clip keeps
-        # c * (-A) may come near float32's range (huge rewards under Dr. GRPO) and kept reach e^20:
-        # the value and the gradient are formed from c * (-A) / scale, a power of two (exact), so
-        # nothing overflows on the way and both equal the unscaled results to the last bit.
-        top = _largest(coef_neg_adv)
-        if penalty:
-            top = torch.maximum(top, penalty * _largest(entropy_coef))
-        scale = pow2_scale(top)
-        scaled = coef_neg_adv / scale
         pg = saturate(torch.dot(scaled.reshape(-1), kept.reshape(-1)) * scale, torch.float32)
         active = kept == ratio  # where the gradient flows (padding included: ratio 1 is inside every range)
         # A distinct tensor even without the entropy term: pg is returned as a non-differentiable metric.
@@ -347,7 +300,7 @@ class _Surrogate(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = torch.where(active & mask, scaled * ratio, zero)  # the gradient / scale
             if penalty:
-                grad = grad - penalty * entropy_coef / scale
+                grad = grad - (penalty / scale) * entropy_coef
             ctx.save_for_backward(grad, scale)
             ctx.in_dtype = logprobs.dtype
         outputs = (pg, active) if neg_logp is None else (pg, neg_logp, active)
@@ -358,8 +311,10 @@ class _Surrogate(torch.autograd.Function):
     @once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
         grad, scale = ctx.saved_tensors
-        # Beyond float32's (or the log-probs' dtype's) range the gradient saturates, never inf.
-        return saturate(grad * (grad_loss * scale), ctx.in_dtype), *([None] * 7)
+        grad = grad * (grad_loss * scale)
+        # float32 log-probs (ClippedSurrogate passes float32_logprobs, whose backward saturates)
+        # need no cast; another dtype is cast here with the same saturation.
+        return (grad if ctx.in_dtype == torch.float32 else saturate(grad, ctx.in_dtype)), *([None] * 8)
 
 
 def surrogate_loss(
@@ -423,7 +378,10 @@ def surrogate_loss(
     neg_adv = -advantages
     if advantages.dim() == 1:
         lo, hi, neg_adv = lo[:, None], hi[:, None], neg_adv[:, None]
-    # Saturated: coefficients times advantages near float32's range must not become inf.
-    coef_neg_adv = saturate(coefficients * neg_adv, torch.float32)
-    return _Surrogate.apply(logprobs, log_ratio, coef_neg_adv, lo, hi, mask, float(entropy_penalty),
-                            entropy_coefficients)
+    # Advantages may reach float32's range (huge rewards under Dr. GRPO) and ratios e^20: c (-A)
+    # is carried divided by a power of two >= 1 near max |A| (computed on the [B] or [B, T]
+    # advantages, not on [B, T] products), which is exact and leaves |c (-A) / scale| <= 2 c.
+    scale = pow2_scale(torch.linalg.vector_norm(advantages, float("inf")).clamp_min(1.0)) if advantages.numel() \
+        else torch.ones((), device=advantages.device)
+    return _Surrogate.apply(logprobs, log_ratio, coefficients * (neg_adv / scale), scale, lo, hi, mask,
+                            float(entropy_penalty), entropy_coefficients)

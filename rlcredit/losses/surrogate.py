@@ -12,7 +12,8 @@ from rlcredit import functional as F
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import AGGREGATIONS, Reducer, Totals
 from rlcredit.functional._checks import storage_problem
-from rlcredit.functional._loss import finite_loss, float32_logprobs, surrogate_loss
+from rlcredit.functional._finite import finite_loss
+from rlcredit.functional._loss import float32_logprobs, surrogate_loss
 from rlcredit.registry import register
 from rlcredit.requirements import Field, Requirement
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
