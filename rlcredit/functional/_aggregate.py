@@ -173,10 +173,11 @@ def loss_coefficients(
     Returns:
         ``[B, T]`` float32 coefficients, 0 on padding.
 
+    ``weights`` are taken as checked (``0 <= w <= 1e20`` on valid tokens: a ``Credit``'s, or
+    ``aggregate``'s after its check): this is the losses' hot path.
+
     Raises:
-        RLCreditError: a negative or non-finite weight on a valid token (weights fold into a
-            clipped loss exactly only when ``>= 0``), or ``totals`` that are not a ``Totals`` of
-            finite, non-negative statistics.
+        RLCreditError: ``totals`` that are not a ``Totals`` of finite, non-negative statistics.
 
     Examples:
         >>> import torch
@@ -309,7 +310,8 @@ def aggregate(
     Args:
         per_token: ``[B, T]`` per-token losses (any float dtype; maths in float32).
         mask: ``[B, T]`` bool, True on valid tokens.
-        weights: optional ``[B, T]`` token weights ``>= 0`` (None: all 1).
+        weights: optional ``[B, T]`` token weights in ``[0, 1e20]`` on valid tokens (None: all 1;
+            padding values are ignored).
         mode: one of ``AGGREGATIONS``.
         renormalize: divide by ``sum w`` instead of the valid-token count.
         max_length: ``L_max`` of ``seq_mean_token_sum_norm`` (an int >= 1; None: padded ``T``).
@@ -317,7 +319,12 @@ def aggregate(
         totals: the batch statistics to divide by (None: those of these rows, with the reducer).
 
     Returns:
-        A float32 scalar tensor (0-d), differentiable w.r.t. ``per_token``.
+        A float32 scalar tensor (0-d), differentiable w.r.t. ``per_token``; finite for finite
+        inputs (a sum beyond float32's range saturates at +-3.4e38, its gradient unchanged).
+
+    Raises:
+        RLCreditError: a negative, NaN or larger-than-1e20 weight on a valid token (a weight
+            folds into a clipped loss exactly only when ``>= 0``).
 
     Examples:
         >>> import torch
