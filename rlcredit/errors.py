@@ -47,10 +47,10 @@ class RegistryError(RLCreditError):
     Examples:
         >>> import rlcredit
         >>> try:
-        ...     rlcredit.build("gpro")
+        ...     rlcredit.build("dapoo")
         ... except rlcredit.RegistryError as err:
         ...     print(str(err).split(";")[1].strip())
-        did you mean 'grpo'? available strategy names: at_rl, dapo, dr_grpo, entropy_forks, grpo, stapo, vppo, vppo_paper. Register your own with @rlcredit.register('strategy', NAME). A string spec is a preset name or the path of an existing spec file (.json, .yaml, .yml, .toml). No file 'gpro' exists either.
+        did you mean 'dapo'? available strategy names: at_rl, ..., vppo_paper. Register your own with @rlcredit.register('strategy', NAME). A string spec is a preset name or the path of an existing spec file (.json, .yaml, .yml, .toml). No file 'dapoo' exists either.
     """
 
 

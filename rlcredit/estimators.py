@@ -8,13 +8,14 @@ per-token: every batch-scope statistic belongs to weighters, shapers and losses.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import torch
 from torch import Tensor
 
-from rlcredit.errors import RolloutError
+from rlcredit.errors import RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.requirements import POLICY, AllOf, AnyOf, Field, Requirement
 from rlcredit.requirements import Signal as SignalRequirement
@@ -169,3 +170,68 @@ class Entropy:
                 rollout.model_inputs, mask, temperature=self.temperature, entropy=True
             ).entropy
         return torch.where(mask, value, torch.zeros((), device=value.device))
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-aware scores from the sampled token ids (rollout.response_ids).
+
+__all__ += ["TokenMatch"]
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    """attrs converter: an integer or an iterable of integers (NumPy ones too) as a tuple of Python ints."""
+
+    def as_int(v: Any) -> Any:
+        return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return (as_int(value),) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    return tuple(as_int(v) for v in value)
+
+
+def _check_token_ids(instance: Any, attribute: Any, value: Any) -> None:
+    bad = not isinstance(value, tuple) or not value or any(
+        not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value)
+    if bad:
+        raise SpecError(f"TokenMatch.ids must be a non-empty list of token ids (ints >= 0), got {value!r}; e.g. "
+                        f"ids=tokenizer.convert_tokens_to_ids(['Wait', 'But']).")
+
+
+@register("estimator", "token_match")
+@attrs.frozen
+class TokenMatch:
+    """1 where the sampled token is one of ``ids``, else 0: ``S_t = [y_t in ids]``, 0 on padding.
+
+    Reads ``rollout.response_ids`` (``[B, T]`` int64, the sampled ids; the integrations fill it),
+    so a text-aware score (digits, planning words such as "wait" or "therefore", a tool call's
+    tokens) needs no slicing of ``model_inputs``. Combine it with weighters (``threshold(1.0)``
+    keeps the matches, ``complement`` of that drops them, ``union`` with another score adds them)
+    or shapers.
+
+    Args:
+        ids: the token ids to match (an int or a list of ints >= 0; e.g. from
+            ``tokenizer.convert_tokens_to_ids([...])``).
+
+    Returns:
+        ``[B, T]`` float32 scores in ``{0, 1}``.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.estimators import TokenMatch
+        >>> r = rlcredit.Rollout(torch.tensor([[True, True, True, False]]), torch.tensor([1.0]), torch.tensor([0]),
+        ...                      response_ids=torch.tensor([[5, 7, 9, 7]]))
+        >>> TokenMatch(ids=[7, 9])(r)  # the padded 7 scores 0
+        tensor([[0., 1., 1., 0.]])
+    """
+
+    ids: tuple[int, ...] = attrs.field(converter=_token_ids, validator=_check_token_ids)
+
+    requires = (Field("response_ids"),)
+    extras = ()
+
+    def __call__(self, rollout: Rollout, policy: Any = None) -> Tensor:
+        sampled = rollout.response_ids
+        if sampled is None:
+            raise RolloutError("token_match estimator needs rollout.response_ids ([B, T] int64, the sampled token ids).")
+        hit = torch.isin(sampled, torch.tensor(self.ids, dtype=sampled.dtype, device=sampled.device))
+        return (hit & rollout.response_mask).float()

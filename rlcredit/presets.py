@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from rlcredit.estimators import Entropy
-from rlcredit.losses import ClippedSurrogate
+from rlcredit.losses import CISPO, GMPO, PAPO, SAPO, ClipCov, ClippedSurrogate, KLCov
 from rlcredit.registry import build_component, register
-from rlcredit.shapers import DependencyScale, GroupCenter, GroupNormalize
+from rlcredit.shapers import GTPO, DependencyScale, EntropyAdvantage, GroupCenter, GroupNormalize
 from rlcredit.strategy import Strategy
 from rlcredit.weighters import Stapo, TopFraction
 
@@ -185,3 +185,125 @@ def stapo() -> Strategy:
         shapers=[GroupNormalize()],
         policy_loss=ClippedSurrogate(renormalize=True),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Second wave: the losses and shapers of 2025-26, each on the base its paper trains with.
+
+__all__ += ["cispo", "sapo", "gmpo", "kl_cov", "clip_cov", "papo", "gtpo", "entropy_advantage"]
+
+
+@register("strategy", "cispo")
+def cispo() -> Strategy:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): GRPO advantages, the clipped-weight REINFORCE loss.
+
+    ``cispo``: ``-sg(min(rho, 1.28)) A logp`` (one-sided cap, the paper's and TRL's form),
+    ``token_mean``, no KL.
+
+    Examples:
+        >>> import rlcredit
+        >>> rlcredit.build("cispo").to_spec()["policy_loss"]
+        'cispo'
+    """
+    return Strategy(shapers=[GroupNormalize()], policy_loss=CISPO())
+
+
+@register("strategy", "sapo")
+def sapo() -> Strategy:
+    """SAPO (arXiv 2511.20347): GRPO advantages, the soft gate ``(4/tau) sigmoid(tau (rho - 1))``.
+
+    Temperatures 1.0 (``A > 0``) and 1.05 (``A <= 0``), ``seq_mean_token_mean``.
+
+    Examples:
+        >>> import rlcredit
+        >>> rlcredit.build("sapo").policy_loss.tau_neg
+        1.05
+    """
+    return Strategy(shapers=[GroupNormalize()], policy_loss=SAPO())
+
+
+@register("strategy", "gmpo")
+def gmpo() -> Strategy:
+    """GMPO (arXiv 2507.20673): GRPO advantages, the geometric mean of token ratios clipped in ``(e^-0.4, e^0.4)``.
+
+    Examples:
+        >>> import rlcredit
+        >>> rlcredit.build("gmpo").policy_loss.clip_high
+        0.4
+    """
+    return Strategy(shapers=[GroupNormalize()], policy_loss=GMPO())
+
+
+@register("strategy", "kl_cov")
+def kl_cov() -> Strategy:
+    """KL-Cov (arXiv 2505.22617): GRPO advantages; ``|logp - logp_old|`` on the 0.02 % highest-covariance tokens.
+
+    Examples:
+        >>> import rlcredit
+        >>> rlcredit.build("kl_cov").policy_loss.kl_cov_ratio
+        0.0002
+    """
+    return Strategy(shapers=[GroupNormalize()], policy_loss=KLCov())
+
+
+@register("strategy", "clip_cov")
+def clip_cov() -> Strategy:
+    """Clip-Cov (arXiv 2505.22617): GRPO advantages; PPO's loss with 0.02 % of the tokens whose covariance
+    lies in ``(1, 5)`` cut from the gradient.
+
+    Examples:
+        >>> import rlcredit
+        >>> rlcredit.build("clip_cov").policy_loss.clip_cov_ub
+        5.0
+    """
+    return Strategy(shapers=[GroupNormalize()], policy_loss=ClipCov())
+
+
+@register("strategy", "papo")
+def papo() -> Strategy:
+    """PAPO-D (arXiv 2507.06448; the released DAPO recipe): DAPO plus PAPO's perception and entropy terms.
+
+    GRPO advantages; ``papo`` loss over DAPO's clipped surrogate (0.2/0.28, ``token_mean``), with
+    ``-0.01 * token_mean(k3(m - logp))`` (``m`` the current policy's log-probs with the image
+    masked, p = 0.6 patches shared by a prompt's rollouts, passed as
+    ``Strategy.loss(..., aux={"masked_logprobs": m})``) and the double entropy term
+    ``0.03 * (token_mean(-logp) + token_mean(-m))``. PAPO-G (GRPO base, reference KL 0.01, no
+    entropy term): ``build("papo", policy_loss={"name": "papo", "surrogate": {"name":
+    "clipped_surrogate", "kl_coef": 0.01}})``.
+
+    Examples:
+        >>> import rlcredit
+        >>> [r.describe() for r in rlcredit.build("papo").requirements]
+        ["aux['masked_logprobs'] (a differentiable [B, T] tensor: Strategy.loss(..., aux={'masked_logprobs': ...}))"]
+    """
+    return Strategy(shapers=[GroupNormalize()], policy_loss=PAPO(surrogate=_dapo_loss(), gamma=0.01, eta=0.03))
+
+
+@register("strategy", "gtpo")
+def gtpo() -> Strategy:
+    """GTPO (arXiv 2508.04349) on a DAPO base: GRPO advantages shared out by token entropy.
+
+    Score ``"entropy"``; ``group_normalize`` then ``gtpo(beta=0.1)``:
+    ``A_t = A (1 + 0.1 (H_t / mean H - 1))``; DAPO loss (0.2/0.28, ``token_mean``).
+
+    Examples:
+        >>> import rlcredit
+        >>> rlcredit.build("gtpo").to_spec()["shapers"]
+        ['group_normalize', 'gtpo']
+    """
+    return Strategy(estimators={"entropy": Entropy()}, shapers=[GroupNormalize(), GTPO()], policy_loss=_dapo_loss())
+
+
+@register("strategy", "entropy_advantage")
+def entropy_advantage() -> Strategy:
+    """The entropy-based advantage (arXiv 2506.14758) on GRPO: ``A_t = A + min(0.4 H_t, |A| / 2)``.
+
+    Score ``"entropy"``; ``group_normalize`` then ``entropy_advantage``; GRPO's clipped
+    surrogate (0.2/0.2, ``token_mean``).
+
+    Examples:
+        >>> import rlcredit
+        >>> rlcredit.build("entropy_advantage").to_spec()["shapers"]
+        ['group_normalize', 'entropy_advantage']
+    """
+    return Strategy(estimators={"entropy": Entropy()}, shapers=[GroupNormalize(), EntropyAdvantage()])

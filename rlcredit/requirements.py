@@ -6,6 +6,9 @@ Every component declares ``requires``, a tuple of requirements, all of which mus
   ``"model_inputs"``, ``"response_ids"``);
 - ``Signal(key)``: ``rollout.signals`` holds ``key``;
 - ``POLICY``: ``Strategy.assign`` was given a policy (an ``rlcredit.HFPolicy``);
+- ``Aux(name)``: a loss reads a differentiable ``[B, T]`` tensor passed at loss time,
+  ``Strategy.loss(..., aux={name: tensor})`` (PAPO's log-probs on the masked image), checked by
+  ``Strategy.loss``;
 - ``Score(name)``: a weighter, shaper or loss reads the estimators' score ``name`` (``None``: the
   strategy's single score), checked once when the ``Strategy`` is built; ``Score.read`` looks it up;
 - ``AnyOf(a, b, ...)`` / ``AllOf(a, b, ...)``: alternatives and conjunctions, nested freely.
@@ -34,7 +37,8 @@ from torch import Tensor
 
 from rlcredit.errors import SpecError
 
-__all__ = ["Requirement", "Field", "Signal", "Score", "POLICY", "AnyOf", "AllOf", "FIELDS", "leaves", "requirements_of"]
+__all__ = ["Requirement", "Field", "Signal", "Score", "Aux", "POLICY", "AnyOf", "AllOf", "FIELDS", "leaves",
+           "requirements_of"]
 
 FIELDS = ("old_logprobs", "ref_logprobs", "model_inputs", "response_ids")
 """The optional ``Rollout`` fields a ``Field`` requirement can name."""
@@ -176,6 +180,36 @@ class Score:
     def read(self, scores: Mapping[str, Tensor], who: str) -> Tensor:
         """``scores[name]`` (the single primary score when ``name`` is None)."""
         return scores[self.resolve(scores, who)]
+
+
+@attrs.frozen
+class Aux:
+    """A differentiable ``[B, T]`` tensor a loss reads at loss time: ``Aux("masked_logprobs")``.
+
+    Unlike a rollout field or a signal, it is computed by the trainer *inside* the training
+    step, with gradient (e.g. PAPO's log-probs of the response under the current policy with a
+    masked image), and passed as ``Strategy.loss(logprobs, rollout, credit, aux={name: tensor})``.
+    ``Strategy.loss`` checks it (present, ``[B, T]`` like ``logprobs``, floating, same device) and
+    passes ``aux`` only to a loss that declares an ``Aux``; at ``assign`` time it is always met.
+    Integrations look for it with ``Aux(name) in leaves(req)`` over ``Strategy.requirements``.
+
+    Examples:
+        >>> from rlcredit.requirements import Aux
+        >>> Aux("masked_logprobs").describe()
+        "aux['masked_logprobs'] (a differentiable [B, T] tensor: Strategy.loss(..., aux={'masked_logprobs': ...}))"
+    """
+
+    name: str = attrs.field(validator=_non_empty_str)
+
+    def met(self, rollout: Any, policy: Any) -> bool:
+        return True  # computed in the training step: checked by Strategy.loss against its `aux`
+
+    def describe(self) -> str:
+        return (f"aux[{self.name!r}] (a differentiable [B, T] tensor: Strategy.loss(..., "
+                f"aux={{{self.name!r}: ...}}))")
+
+    def alternatives(self) -> tuple[Requirement, ...]:
+        return (self,)
 
 
 def primary_scores(scores: Mapping[str, Any]) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
+import torch
 from torch import Tensor
 
 from rlcredit import functional as F
@@ -252,3 +253,117 @@ class DependencyScale:
         if advantages.ndim == 2:
             alpha = alpha[:, None]
         return advantages.float() * alpha
+
+
+# ------------------------------------------------------------------------------------------------
+# Entropy-shaped token advantages (GTPO, arXiv 2508.04349; entropy advantage, arXiv 2506.14758).
+# Both read a per-token entropy score and return [B, T] token advantages, 0 on padding.
+
+__all__ += ["GTPO", "EntropyAdvantage"]
+
+
+def _token_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
+    adv = advantages.float()
+    return torch.where(mask, adv[:, None] if adv.ndim == 1 else adv, torch.zeros((), device=mask.device))
+
+
+@register("shaper", "gtpo")
+@attrs.frozen
+class GTPO:
+    """GTPO's entropy weighting: tokens above their response's mean entropy get more of its advantage.
+
+    Tan et al. 2025, *GTPO and GRPO-S: Token and Sequence-Level Reward Shaping with Policy
+    Entropy* (arXiv 2508.04349), in the multiplicative, mean-preserving form of METHODS.md, with
+    ``H_t`` the ``score`` (entropy of the sampling policy, 0 on padding) and ``mean H`` the mean
+    over the response's valid tokens::
+
+        A_t = A * (1 + beta * (H_t / mean H - 1))
+
+    The factor averages to 1 over each response, so a response's total credit is unchanged and
+    only moves towards its uncertain "decision" tokens. ``beta <= 1`` keeps the factor
+    ``1 - beta + beta H_t / mean H >= 0``: a sign never flips. A response whose mean entropy is 0
+    (a degenerate, fully confident one) keeps ``A_t = A``. ``[B, T]`` input advantages are
+    weighted token by token. Put it after ``group_normalize``.
+
+    Args:
+        beta: weighting strength in ``[0, 1]`` (0: plain ``A``). Default 0.1 (our choice, from the
+            public ports of this simplified form; the paper's own parameters weight a different,
+            additive entropy-ratio reward).
+        score: the entropy score's name (default ``"entropy"``).
+
+    Returns:
+        ``[B, T]`` float32 token advantages, 0 on padding.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.shapers import GTPO
+        >>> r = rlcredit.Rollout(torch.tensor([[True, True, False]]), torch.tensor([1.0]), torch.tensor([0]))
+        >>> H = {"entropy": torch.tensor([[0.5, 1.5, 0.0]])}  # mean H = 1
+        >>> GTPO(beta=0.5)(torch.tensor([2.0]), H, r)  # 2 * (1 + 0.5 * (0.5 - 1)), 2 * (1 + 0.5 * 0.5)
+        tensor([[1.5000, 2.5000, 0.0000]])
+    """
+
+    beta: float = attrs.field(default=0.1, validator=in_range(0.0, 1.0))
+    score: str | None = attrs.field(default="entropy", validator=optional_str)
+
+    @property
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Score(self.score),)
+
+    def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
+                 reducer: Reducer | None = None) -> Tensor:
+        mask = rollout.response_mask
+        h = torch.where(mask, Score(self.score).read(scores, "shaper gtpo").float(), torch.zeros((), device=mask.device))
+        mean = h.sum(-1, keepdim=True) / rollout.token_counts[:, None].clamp_min(1)
+        ratio = torch.where(mean > 0, h / torch.where(mean > 0, mean, torch.ones_like(mean)), torch.ones_like(h))
+        return _token_advantages(advantages, mask) * (1.0 + self.beta * (ratio - 1.0))
+
+
+@register("shaper", "entropy_advantage")
+@attrs.frozen
+class EntropyAdvantage:
+    """The entropy-based advantage: a bounded bonus for uncertain tokens (Cheng et al. 2025, arXiv 2506.14758).
+
+    *Reasoning with Exploration: An Entropy Perspective*, Eq. 4-5. With ``H_t`` the ``score``
+    (detached entropy of the sampling policy)::
+
+        A_t = A + min(alpha * H_t, |A| / kappa)
+
+    The bonus rewards exploratory (high-entropy) tokens without ever dominating: it is at most
+    ``|A| / kappa``, so with ``kappa >= 1`` a negative advantage never turns positive, and a zero
+    advantage stays 0. ``[B, T]`` input advantages use their own ``|A_t|``. Put it after
+    ``group_normalize``.
+
+    Args:
+        alpha: ``>= 0``, scale of the entropy bonus (paper 0.4).
+        kappa: ``>= 1``, the bonus is at most ``|A| / kappa`` (paper 2).
+        score: the entropy score's name (default ``"entropy"``).
+
+    Returns:
+        ``[B, T]`` float32 token advantages, 0 on padding.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.shapers import EntropyAdvantage
+        >>> r = rlcredit.Rollout(torch.ones(2, 2, dtype=torch.bool), torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+        >>> H = {"entropy": torch.tensor([[0.5, 5.0], [0.5, 5.0]])}
+        >>> EntropyAdvantage()(torch.tensor([1.0, -1.0]), H, r)  # + min(0.4 H, |A| / 2)
+        tensor([[ 1.2000,  1.5000],
+                [-0.8000, -0.5000]])
+    """
+
+    alpha: float = attrs.field(default=0.4, validator=in_range(0.0))
+    kappa: float = attrs.field(default=2.0, validator=in_range(1.0))
+    score: str | None = attrs.field(default="entropy", validator=optional_str)
+
+    @property
+    def requires(self) -> tuple[Requirement, ...]:
+        return (Score(self.score),)
+
+    def __call__(self, advantages: Tensor, scores: Mapping[str, Tensor], rollout: Rollout, *,
+                 reducer: Reducer | None = None) -> Tensor:
+        mask = rollout.response_mask
+        h = Score(self.score).read(scores, "shaper entropy_advantage").detach().float()
+        adv = _token_advantages(advantages, mask)
+        bonus = torch.minimum(self.alpha * h, adv.abs() / self.kappa)
+        return torch.where(mask, adv + bonus, torch.zeros((), device=mask.device))

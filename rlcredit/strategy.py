@@ -18,6 +18,7 @@ from rlcredit.functional._finite import finite_sum
 from rlcredit.functional._loss import float32_logprobs
 from rlcredit.functional._reduce import check_reducer
 from rlcredit.losses import ClippedSurrogate, check_credit, check_logprobs
+from rlcredit.losses._common import aux_names, check_aux
 from rlcredit.registry import build_component, component_spec
 from rlcredit.requirements import POLICY, Requirement, Score, leaves, primary_scores, requirements_of
 from rlcredit.rollout import Credit, EstimatorOutput, LazyMetrics, LossOutput, Rollout
@@ -257,8 +258,8 @@ class Strategy:
             thunks[f"score/{name}"] = lambda s=scores[name]: finite_sum(s, n_valid())
         return LazyMetrics(thunks)
 
-    def loss(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *,
-             reducer: Reducer | None = None, totals: Totals | None = None) -> LossOutput:
+    def loss(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *, reducer: Reducer | None = None,
+             totals: Totals | None = None, aux: Mapping[str, Tensor] | None = None) -> LossOutput:
         """The differentiable policy loss of a (micro-)batch.
 
         The loss computes in float32 whatever the log-probs' dtype and its gradient comes back in
@@ -273,6 +274,10 @@ class Strategy:
             totals: the batch statistics to divide by when these rows are part of a larger batch
                 (``strategy.policy_loss.totals(whole_rollout, whole_credit)``): the micro-batch
                 losses then add up to the whole batch's loss. None: these rows are the batch.
+            aux: differentiable ``[B, T]`` tensors of these rows computed in the training step, for a
+                loss that declares ``rlcredit.requirements.Aux(name)`` (PAPO: ``{"masked_logprobs":
+                ...}``, the current policy's log-probs with the masked image); passed only to such a
+                loss, and an error for any other.
 
         Returns:
             ``rlcredit.LossOutput``.
@@ -296,7 +301,11 @@ class Strategy:
             raise RolloutError(f"Strategy.loss: totals must be a rlcredit.functional.Totals (from "
                                f"strategy.policy_loss.totals(rollout, credit)) or None, got {type(totals).__name__}.")
         self._check_requirements(rollout, POLICY, self._components()[-1:])
-        extra = {} if totals is None else {"totals": totals}
+        extra: dict[str, Any] = {} if totals is None else {"totals": totals}
+        names = aux_names(self.policy_loss)
+        if names or aux:
+            # Auxiliary log-probs take the same float32 path as the log-probs (gradients fit their dtype).
+            extra["aux"] = {k: float32_logprobs(v) for k, v in check_aux(aux, names, logprobs, "Strategy.loss").items()}
         # Every loss computes in float32; the gradient it returns fits the log-probs' dtype.
         out = self.policy_loss(float32_logprobs(logprobs), rollout, credit, reducer=reducer, **extra)
         if not isinstance(out, LossOutput):

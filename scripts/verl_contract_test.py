@@ -48,7 +48,8 @@ def test_verl_use_external_modules_registers_in_a_fresh_process():
             "print(c.get_policy_loss_fn('rlcredit').__module__, c.get_adv_estimator_fn('rlcredit').__module__)")
     env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rlcredit.integrations.verl")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["rlcredit.integrations.verl"] * 2
+    modules = out.stdout.split()
+    assert len(modules) == 2 and all(m.startswith("rlcredit.integrations.verl") for m in modules), modules
 
 
 def test_policy_loss_signature_matches_verls_vanilla():

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
 import rlcredit
-from rlcredit.cli import main as cli_main
+from rlcredit_mm.cli import build_parser, config_from_args
+from rlcredit_mm.cli import main as cli_main
 from rlcredit_mm.demo import model as M
 from rlcredit_mm.demo import report as R
 from rlcredit_mm.demo import task as T
 from rlcredit_mm.demo import train as TR
-from rlcredit_mm.demo.run import prepare_output, run_demo, _publish
+from rlcredit_mm.demo.run import _publish, check_presets, prepare_output, run_demo
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -212,7 +216,12 @@ def _leftovers(parent: Path) -> list[str]:
 @pytest.mark.parametrize("argv, message", [
     (["--presets", "grpo,vpo"], "unknown strategy 'vpo'; did you mean 'vppo'?"),
     (["--presets", "grpo,grpo"], "lists a preset twice"),
+    (["--presets", ","], "presets is empty"),
+    (["--presets", "grpo,no/such/spec.yaml"], "spec file 'no/such/spec.yaml' does not exist"),
     (["--shapes", "5"], r"shapes must be in [1, 3]"),
+    (["--steps", "0"], "DemoConfig.steps must be a positive integer, got 0"),
+    (["--threshold", "1.5"], "DemoConfig.threshold is an accuracy in (0, 1], got 1.5"),
+    (["--lr", "nan"], "DemoConfig.lr must be a finite number > 0, got nan"),
 ])
 def test_bad_values_exit_2_with_a_message(tmp_path, capsys, argv, message):
     out = tmp_path / "demo"
@@ -223,14 +232,112 @@ def test_bad_values_exit_2_with_a_message(tmp_path, capsys, argv, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "expected a positive integer, got 0"),
-    (["--threshold", "1.5"], "expected a number in (0, 1]"),
+    (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
+    (["--threshold", "high"], "argument --threshold: invalid float value: 'high'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
-def test_invalid_flags_exit_2(capsys, argv, message):
+def test_flags_that_do_not_parse_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         cli_main(["demo", *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_version_and_the_bare_command_print_and_exit_0(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"rlcredit {rlcredit.__version__}"
+    assert cli_main([]) == 0  # no subcommand: the help, not an error
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rlcredit") and "demo" in out and "inspect" in out and "--version" in out
+
+
+def _flag_fields():
+    return [f for f in attrs.fields(TR.DemoConfig) if "help" in f.metadata]
+
+
+def test_demo_flags_are_derived_from_the_config_fields(capsys):
+    """One flag per DemoConfig field with help metadata: its default when absent, its value when given."""
+    fields = _flag_fields()
+    assert [f.name for f in fields] == ["presets", "seeds", "steps", "lr", "threshold", "shapes", "progress"]
+    args = build_parser().parse_args(["demo"])
+    assert set(vars(args)) == {"command", "out", "quick"} | {f.name for f in fields}
+    assert config_from_args(args) == TR.DemoConfig()
+    assert config_from_args(build_parser().parse_args(["demo", "--quick"])) == TR.DemoConfig.quick()
+    argv, want = ["demo"], {}
+    for f in fields:  # a value other than the default for every flag
+        if f.name == "progress":
+            argv.append("--no-progress")
+            want[f.name] = False
+        elif f.name == "presets":
+            argv += ["--presets", "vppo, grpo"]
+            want[f.name] = ("vppo", "grpo")
+        else:
+            value = f.default + 1 if isinstance(f.default, int) else f.default / 2
+            argv += ["--" + f.name.replace("_", "-"), str(value)]
+            want[f.name] = value
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert {name: getattr(cfg, name) for name in want} == want
+    # --quick starts from the bundle; the flags given override it.
+    cfg = config_from_args(build_parser().parse_args(["demo", "--quick", "--steps", "9"]))
+    assert cfg == TR.DemoConfig.quick(steps=9) and cfg.seeds == TR.QUICK["seeds"]
+    # The help shows each field's help text and default, and the --quick values.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields:
+        assert f.metadata["help"] in text
+        if f.name != "progress":
+            assert f"(default {f.default if f.name != 'presets' else ','.join(f.default)}" in text
+    assert "--no-progress" in text and "steps=4" in text and "(default 100; --quick: 4)" in text
+
+
+def _tiny(**kwargs):
+    return TR.DemoConfig.quick(steps=2, warmup_steps=2, hidden=32, eval_prompts=4, heatmap_samples=0, progress=False,
+                               **kwargs)
+
+
+def test_presets_take_spec_files_labelled_by_their_stem(tmp_path):
+    same = tmp_path / "same_as_grpo.json"
+    same.write_text(json.dumps({"preset": "grpo"}))
+    wide = tmp_path / "wide_clip.yaml"
+    wide.write_text("preset: dapo\npolicy_loss: {name: clipped_surrogate, clip_high: 0.4}\n")
+    assert check_presets(["grpo", str(same), str(wide)]) == {"grpo": "grpo", "same_as_grpo": str(same),
+                                                             "wide_clip": str(wide)}
+    stream = io.StringIO()
+    results = run_demo(_tiny(presets=("grpo", str(same), str(wide))), tmp_path / "demo", stream=stream)
+    assert list(results["summary"]) == ["grpo", "same_as_grpo", "wide_clip"]
+    assert results["config"]["presets"] == ["grpo", str(same), str(wide)]
+    for text in (stream.getvalue(), (tmp_path / "demo" / "results.md").read_text()):
+        assert "| same_as_grpo | " in text and "| wide_clip | " in text
+    # The grpo spec file trains exactly as the grpo preset (same seed, same warm start, same prompts).
+    runs = {r["preset"]: r for r in results["runs"]}
+    for key in ("train_reward", "kept_share", "scale_std", "eval_accuracy", "response_length", "clip_fraction"):
+        assert runs["same_as_grpo"][key] == runs["grpo"][key], key
+
+
+def test_presets_whose_labels_clash_exit_2_naming_both(tmp_path, capsys):
+    spec = tmp_path / "grpo.json"
+    spec.write_text(json.dumps({"preset": "dapo"}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.json").write_text("{}")
+    (tmp_path / "mine.yaml").write_text("{}")
+    out = tmp_path / "demo"
+    for first, second, label in [("grpo", str(spec), "grpo"),
+                                 (str(tmp_path / "sub" / "mine.json"), str(tmp_path / "mine.yaml"), "mine")]:
+        assert cli_main(["demo", "--quick", "--presets", f"{first},{second}", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rlcredit demo: error: --presets:"), err
+        assert f"{first!r} and {second!r} would both be labelled {label!r}" in err
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_missing_multimodal_extra_exits_2_with_the_install_command(tmp_path, capsys, monkeypatch):
+    for name in ("tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, name, None)  # `from tqdm.auto import tqdm` raises ModuleNotFoundError
+    assert cli_main(["demo", "--quick", "--presets", "grpo", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlcredit demo: error: needs the multimodal extra") and "pip install 'rlcredit[mm]'" in err
+    assert not (tmp_path / "demo").exists() and _leftovers(tmp_path) == []
 
 
 def test_unusable_output_folders_exit_2_and_are_left_alone(tmp_path, capsys):
@@ -276,8 +383,14 @@ def test_publish_replaces_a_previous_demo_output(tmp_path):
 
 
 def _console_script() -> list[str]:
+    """The installed ``rlcredit`` script when it is this version's (``rlcredit_mm.cli``), else the module."""
     script = Path(sys.executable).parent / "rlcredit"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "rlcredit.cli"]
+    if script.exists() and "rlcredit_mm.cli" in script.read_text(errors="replace"):
+        return [str(script)]
+    return [sys.executable, "-m", "rlcredit_mm.cli"]
+
+
+UMASK = 0o027  # not the usual 022: the modes below must follow the umask, not be fixed
 
 
 @pytest.fixture(scope="module")
@@ -285,8 +398,19 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([*_console_script(), "demo", "--quick", "--no-progress", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, preexec_fn=lambda: os.umask(UMASK))
     return proc, out
+
+
+def test_quick_demo_writes_with_the_usual_permissions(quick_run):
+    """Folders 0777 and files 0666 minus the umask, as mkdir and open make them (not mkdtemp's 0700)."""
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = [out, out / "model"]
+    files = [out / name for name in ("results.json", "results.md", "curves.png", "heatmaps.html", "sample.png")]
+    files.append(out / "model" / "config.json")
+    assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders + files} == {
+        **{str(p): oct(0o777 & ~UMASK) for p in folders}, **{str(p): oct(0o666 & ~UMASK) for p in files}}
 
 
 def test_quick_demo_runs_every_preset_and_writes_the_results(quick_run):
@@ -312,6 +436,7 @@ def test_quick_demo_runs_every_preset_and_writes_the_results(quick_run):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "heatmaps.html").read_text()
     assert "data:image/png;base64," in page and "visual dependency" in page and "connectivity" in page
+    assert "class='tok kept'" in page and "underlined: kept by the strategy" in page  # vppo drops tokens
     assert (out / "model" / "config.json").is_file() and (out / "model" / "preprocessor_config.json").is_file()
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
 

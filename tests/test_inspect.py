@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 
 import pytest
 import torch
 
 import rlcredit
-from rlcredit.cli import main as cli_main
+from rlcredit_mm.cli import main as cli_main
 from rlcredit_mm import AttentionConnectivity
 from rlcredit_mm.demo import model as M
 from rlcredit_mm.demo import task as T
@@ -216,3 +218,47 @@ def test_html_escapes_tokens_and_checks_lengths():
     assert "&lt;b&gt;" in page and "&amp;" in page and "<b>" not in page.replace("<body>", "")
     with pytest.raises(rlcredit.RolloutError, match="has 1 values for 2 tokens"):
         TokenHeatmap(Image.new("RGB", (2, 2)), "q", ["a", "b"], {"connectivity": [0.1]})
+
+
+# --------------------------------------------------------------------------------------------
+# What the page says, and how the files are written
+
+
+def test_header_puts_the_prompt_before_the_response_and_the_legend_fits(saved, tmp_path):
+    folder, image, _, _ = saved
+    html_path, png_path = run_inspect(folder, image, PROMPT, RESPONSE, out=tmp_path / "h.html", png=True)
+    page = html_path.read_text()
+    body = page[page.index("<div class='sample'>"):]
+    title, prompt, response = body.index(f"<h2>{folder.name}</h2>"), body.index(f"prompt: {PROMPT}"), \
+        body.index(f"response: {RESPONSE}")
+    first_token = body.index("<span class='tok'")
+    assert title < prompt < response < first_token
+    # inspect takes no strategy: nothing is underlined and the legend does not mention one.
+    assert "strategy" not in page and "underlined" not in page and "tok kept" not in page
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_legend_mentions_underlines_only_when_there_are_marks():
+    from PIL import Image
+
+    plain = TokenHeatmap(Image.new("RGB", (2, 2)), "q", ["a", "b"], {"connectivity": [0.1, 0.5]})
+    marked = TokenHeatmap(Image.new("RGB", (2, 2)), "q", ["a", "b"], {"connectivity": [0.1, 0.5]},
+                          marks={"connectivity": [False, True]})
+    assert "underlined" not in heatmap_html([plain])
+    page = heatmap_html([plain, marked])
+    assert "underlined: kept by the strategy" in page and page.count("class='tok kept'") == 1
+    assert plain.header() == ["q"]
+    assert TokenHeatmap(Image.new("RGB", (2, 2)), "q", ["a"], {}, response="a").header() == ["prompt: q", "response: a"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_are_written_with_the_usual_permissions(saved, tmp_path, umask):
+    """0666 minus the umask, as open() makes a file (mkstemp's 0600 was the bug), and no temporary file left."""
+    folder, image, _, _ = saved
+    old = os.umask(umask)
+    try:
+        paths = run_inspect(folder, image, PROMPT, RESPONSE, out=tmp_path / "p.html", png=True)
+    finally:
+        os.umask(old)
+    assert [oct(stat.S_IMODE(p.stat().st_mode)) for p in paths] == [oct(0o666 & ~umask)] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.html", "p.png"]

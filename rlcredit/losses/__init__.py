@@ -3,7 +3,10 @@
 A loss is called per (mini/micro-)batch as ``loss(logprobs [B, T], rollout, credit, *, reducer=None)``
 (plus ``totals=`` when the caller has a larger batch's denominators) and returns a
 ``rlcredit.LossOutput``. Built-ins: the clipped surrogate family (``clipped_surrogate`` with a token
-or a sequence ratio, ``gspo``), in ``rlcredit.losses.surrogate``.
+or a sequence ratio, ``gspo``), in ``rlcredit.losses.surrogate``; ``cispo`` (``losses.cispo``),
+``sapo`` (``losses.sapo``), ``gmpo`` (``losses.gmpo``), ``kl_cov`` and ``clip_cov``
+(``losses.covariance``); and ``papo`` (``losses.papo``), PAPO's perception and double-entropy
+terms on top of any of them, which reads a differentiable ``aux`` input at loss time.
 """
 
 from __future__ import annotations
@@ -14,10 +17,16 @@ from torch import Tensor
 
 from rlcredit.functional import AGGREGATIONS, Reducer
 from rlcredit.losses.surrogate import GSPO, RATIOS, ClippedSurrogate, check_credit, check_logprobs
+from rlcredit.losses.cispo import CISPO
+from rlcredit.losses.sapo import SAPO
+from rlcredit.losses.gmpo import GMPO
+from rlcredit.losses.covariance import ClipCov, KLCov
+from rlcredit.losses.papo import PAPO
 from rlcredit.requirements import Requirement
 from rlcredit.rollout import Credit, LossOutput, Rollout
 
-__all__ = ["PolicyLoss", "ClippedSurrogate", "GSPO", "AGGREGATIONS", "RATIOS", "check_credit", "check_logprobs"]
+__all__ = ["PolicyLoss", "ClippedSurrogate", "GSPO", "CISPO", "SAPO", "GMPO", "KLCov", "ClipCov", "PAPO",
+           "AGGREGATIONS", "RATIOS", "check_credit", "check_logprobs"]
 
 
 @runtime_checkable
@@ -32,7 +41,10 @@ class PolicyLoss(Protocol):
         ``(logprobs [B, T], rollout, credit, *, reducer=None, totals=None) -> LossOutput``.
         ``totals`` (an ``rlcredit.functional.Totals``) is passed only when the caller has the
         statistics of a batch larger than these rows (gradient accumulation, verl's global batch
-        info); a loss that aggregates should divide by them.
+        info); a loss that aggregates should divide by them. A loss that declares
+        ``rlcredit.requirements.Aux(name)`` in ``requires`` also gets ``aux={name: [B, T]}``:
+        differentiable tensors the trainer computes in the training step (PAPO's masked-image
+        log-probs), passed as ``Strategy.loss(..., aux=...)``; other losses never see it.
 
     Examples:
         >>> import attrs, torch, rlcredit

@@ -6,7 +6,12 @@ and the summary), ``results.md`` (the table and verdict), ``curves.png`` (learni
 responses) and ``model/`` (the trained VPPO policy of seed 0 with its tokenizer and image
 processor, for ``rlcredit inspect``) with ``sample.png``. Everything is written into a temporary
 sibling folder first and renamed into place at the end, so a failed or interrupted run leaves
-nothing half-written.
+nothing half-written; folders and files get the usual permissions (``0777`` / ``0666`` minus the
+umask).
+
+``run_demo`` is ``check_presets`` (labels, everything built up front), ``prepare_output``,
+``train`` (the records and seed-0 policies), ``write_results`` (the files) and ``print_report``
+(the table on stdout).
 """
 
 from __future__ import annotations
@@ -16,22 +21,28 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 import rlcredit
-from rlcredit.errors import RLCreditError, SpecError
+from rlcredit.errors import SpecError
+from rlcredit.specs import SPEC_SUFFIXES
+from rlcredit_mm._files import new_folder
 from rlcredit_mm.demo import model as M
 from rlcredit_mm.demo import report as R
 from rlcredit_mm.demo import task as T
-from rlcredit_mm.demo.train import DemoConfig, evaluate, run_preset, sample, warm_start
+from rlcredit_mm.demo.train import DemoConfig, run_preset, sample, warm_start
 
-__all__ = ["check_presets", "prepare_output", "run_demo", "main", "REGENERATE"]
+__all__ = ["DEFAULT_OUT", "REGENERATE", "Training", "check_presets", "prepare_output", "train", "write_results",
+           "report_text", "print_report", "run_demo"]
+
+DEFAULT_OUT = "rlcredit-demo"
+"""The default output folder (``--out``)."""
 
 REGENERATE = ("rlcredit demo && cp rlcredit-demo/curves.png docs/assets/demo_curves.png "
               "&& cp rlcredit-demo/heatmaps.png docs/assets/demo_heatmaps.png")
@@ -40,23 +51,48 @@ REGENERATE = ("rlcredit demo && cp rlcredit-demo/curves.png docs/assets/demo_cur
 _MARKER = "results.json"
 
 
-def check_presets(names: Sequence[str]) -> list[Any]:
-    """Build every preset up front (before any training): unknown names raise ``RegistryError``
-    with the available presets and the closest match.
+def check_presets(names: Sequence[str]) -> dict[str, str]:
+    """Label and build every preset up front (before any training): ``label -> name or path``.
+
+    A registered preset is labelled by its name; a name that is not one but a spec file
+    (``.json``, ``.yaml``, ``.yml``, ``.toml``) is labelled by the file stem. Every entry is built
+    once here, so an unknown name or a bad file fails before anything is trained or written.
+
+    Raises:
+        rlcredit.RegistryError: an unknown preset name (with the closest match).
+        rlcredit.SpecError: a spec file that is missing or does not build; two entries with the
+            same label (both are named).
 
     Examples:
-        >>> [type(s).__name__ for s in check_presets(["grpo", "vppo"])]
-        ['Strategy', 'Strategy']
+        >>> import json, tempfile
+        >>> spec = Path(tempfile.mkdtemp()) / "wide_clip.json"
+        >>> _ = spec.write_text(json.dumps({"preset": "grpo", "policy_loss": {"name": "clipped_surrogate", "clip_high": 0.28}}))
+        >>> list(check_presets(["grpo", str(spec)]))
+        ['grpo', 'wide_clip']
         >>> check_presets(["vpo"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         rlcredit.errors.RegistryError: unknown strategy 'vpo'; did you mean 'vppo'? ...
     """
-    strategies = []
+    registered = rlcredit.available("strategy")
+    specs: dict[str, str] = {}
     for name in names:
-        rlcredit.get("strategy", name)  # a registered preset, never a file path
-        strategies.append(rlcredit.build(name))
-    return strategies
+        path = Path(name)
+        if name in registered:
+            label = name
+        elif path.suffix.lower() in SPEC_SUFFIXES or path.is_file():
+            label = path.stem  # rlcredit.build below says what is wrong with a missing or bad file
+        else:
+            rlcredit.get("strategy", name)  # raises: unknown preset, with the closest match
+            label = name
+        if label in specs:
+            raise SpecError(
+                f"--presets: {specs[label]!r} and {name!r} would both be labelled {label!r} in the results; "
+                f"rename one of the spec files."
+            )
+        rlcredit.build(name)
+        specs[label] = name
+    return specs
 
 
 def prepare_output(out: str | os.PathLike) -> tuple[Path, Path]:
@@ -88,7 +124,7 @@ def prepare_output(out: str | os.PathLike) -> tuple[Path, Path]:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SpecError(f"--out {str(path)!r}: the parent folder {str(parent)!r} is not writable.")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+        tmp = new_folder(parent, f".{path.name}.tmp-")  # 0777 minus the umask, as mkdir makes it
     except OSError as err:
         raise SpecError(f"--out {str(path)!r} cannot be written: {err}") from err
     return path, tmp
@@ -98,7 +134,7 @@ def _publish(tmp: Path, out: Path) -> None:
     """Move the finished folder into place (replacing a previous demo output)."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
+        old = new_folder(out.absolute().parent, f".{out.name}.old-")
         os.replace(out, old / "previous")
     os.replace(tmp, out)
     if old is not None:
@@ -111,7 +147,7 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def _heatmaps(kit: M.ModelKit, models: dict[str, Any], cfg: DemoConfig) -> list[Any]:
+def _heatmaps(kit: M.ModelKit, models: Mapping[str, Any], presets: Mapping[str, str], cfg: DemoConfig) -> list[Any]:
     """Token heatmaps of sampled responses of the trained seed-0 policies (VPPO and GRPO first)."""
     from rlcredit_mm.inspect import TokenHeatmap, token_scores
 
@@ -121,7 +157,7 @@ def _heatmaps(kit: M.ModelKit, models: dict[str, Any], cfg: DemoConfig) -> list[
     for preset in shown:
         model = models[preset]
         policy = rlcredit.HFPolicy(model, rows_per_chunk=16)
-        strategy = rlcredit.build(preset)
+        strategy = rlcredit.build(presets[preset])
         torch.manual_seed(0)
         prompt = M.encode_prompts(kit, examples)
         sampled = sample(model, kit, prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
@@ -156,8 +192,149 @@ def _save_model(kit: M.ModelKit, model: Any, folder: Path) -> None:
     kit.image_processor.save_pretrained(folder)
 
 
-def run_demo(cfg: DemoConfig, out: str | os.PathLike = "rlcredit-demo", *, stream: Any = None) -> dict[str, Any]:
-    """Train ``cfg.presets`` over ``cfg.seeds`` seeds and write the results folder ``out``.
+@attrs.frozen
+class Training:
+    """What ``train`` returns: the runs' records and the seed-0 policies.
+
+    Attributes:
+        kit: the tokenizer and image processor the models were trained with.
+        records: one per (preset, seed), from ``run_preset``, in training order.
+        models: label -> the trained policy of seed 0.
+        warmup_final_loss: seed -> the format warm-up's last loss (None without a warm-up).
+        seconds: wall time of the warm-ups and RL runs.
+    """
+
+    kit: M.ModelKit
+    records: list[dict[str, Any]]
+    models: dict[str, Any]
+    warmup_final_loss: dict[int, float | None]
+    seconds: float
+
+
+def train(cfg: DemoConfig, presets: Mapping[str, str]) -> Training:
+    """Train every preset over ``cfg.seeds`` seeds; each seed's presets start from its format warm-up.
+
+    Args:
+        cfg: the run's settings (``cfg.threads`` is not applied here: ``run_demo`` does).
+        presets: label -> preset name or spec file, from ``check_presets``.
+
+    Examples:
+        >>> cfg = DemoConfig.quick(steps=1, warmup_steps=2, hidden=32, eval_prompts=4, progress=False)
+        >>> done = train(cfg, {"grpo": "grpo"})
+        >>> [(r["preset"], r["seed"], len(r["train_reward"])) for r in done.records], list(done.models)
+        ([('grpo', 0, 1)], ['grpo'])
+    """
+    start = time.perf_counter()
+    kit = M.ModelKit()
+    records: list[dict[str, Any]] = []
+    models: dict[str, Any] = {}
+    warm_losses: dict[int, float | None] = {}
+    with _bar(cfg.seeds * cfg.warmup_steps, "format warm-up", cfg.progress) as wbar, \
+            _bar(cfg.seeds * len(presets) * cfg.steps, "RL", cfg.progress) as bar:
+        for seed in range(cfg.seeds):
+            state, losses = warm_start(kit, cfg, seed, progress=wbar)
+            warm_losses[seed] = losses[-1] if losses else None
+            for label, spec in presets.items():
+                record, model = run_preset(spec, seed, kit, state, cfg, progress=bar, label=label)
+                records.append(record)
+                if seed == 0:
+                    models[label] = model
+    return Training(kit, records, models, warm_losses, time.perf_counter() - start)
+
+
+_INTRO = ("Each token of a sampled response, coloured by its visual dependency (exact KL between the policy's "
+          "next-token distributions with the picture and with a black picture; VPPO) and its connectivity "
+          "(attention mass on image tokens, sink-debiased; AT-RL). Underlined: tokens the preset kept (non-zero "
+          "weight). Only the colour word depends on the picture.")
+
+
+def write_results(cfg: DemoConfig, presets: Mapping[str, str], trained: Training, folder: Path, *,
+                  start: float) -> dict[str, Any]:
+    """Write the results folder's files into ``folder`` and return the results dictionary.
+
+    Files: ``curves.png``, ``heatmaps.html`` and ``heatmaps.png`` (when ``cfg.heatmap_samples``),
+    ``model/`` (the seed-0 VPPO policy, else the first preset's), ``sample.png``, ``results.json``
+    and ``results.md`` (``report_text``).
+
+    Args:
+        cfg: the run's settings; presets: label -> name or spec file; trained: from ``train``.
+        folder: an existing, empty folder.
+        start: ``time.perf_counter()`` at the start of the run (for the total wall time).
+    """
+    kit = trained.kit
+    summary = R.summarize(trained.records, list(presets))
+    chance = 1.0 / len(T.COLOURS)
+    R.plot_curves(summary, folder / "curves.png", threshold=cfg.threshold, chance=chance)
+    if cfg.heatmap_samples:
+        from rlcredit_mm.inspect import heatmap_html, heatmap_png
+
+        heat = _heatmaps(kit, trained.models, presets, cfg)
+        (folder / "heatmaps.html").write_text(
+            heatmap_html(heat, title="rlcredit demo: token heatmaps", intro=_INTRO), encoding="utf-8")
+        per = cfg.heatmap_samples
+        shown = [h for k in range(0, len(heat), per) for h in heat[k:k + 2]]  # two of each policy
+        heatmap_png(shown, folder / "heatmaps.png", title="rlcredit demo: token heatmaps")
+    keep = "vppo" if "vppo" in trained.models else next(iter(trained.models))
+    _save_model(kit, trained.models[keep], folder / "model")
+    T.render(T.make_example(7, cfg.shapes), kit.image_size).save(folder / "sample.png")
+    wall_s = time.perf_counter() - start
+    results = {
+        "config": cfg.to_dict(),
+        "task": {"colours": list(T.COLOURS), "shapes": list(T.SHAPES), "chance_accuracy": chance,
+                 "image_size": kit.image_size, "eval_prompts": cfg.eval_prompts},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": __import__("transformers").__version__, "rlcredit": rlcredit.__version__,
+                        "threads": cfg.threads, "cpus": os.cpu_count(), "platform": platform.platform()},
+        "warmup_final_loss": trained.warmup_final_loss,
+        "summary": {p: {k: v for k, v in s.items() if k != "runs"} for p, s in summary.items()},
+        "verdict": R.verdict(summary),
+        "runs": trained.records,
+        "inspect_model": keep,
+        "wall_time_s": {"training": trained.seconds, "total": wall_s},
+    }
+    (folder / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (folder / "results.md").write_text(report_text(results), encoding="utf-8")
+    return results
+
+
+def report_text(results: Mapping[str, Any]) -> str:
+    """The results table, the verdict and the footnote, as Markdown (``results.md``, and what is printed).
+
+    Examples:
+        >>> rec = {"preset": "grpo", "seed": 0, "final_accuracy": 0.75, "eval_accuracy": [0.25, 0.75],
+        ...        "eval_steps": [0, 10], "steps_to_threshold": 10, "kept_share": [1.0], "scale_std": [0.0],
+        ...        "step_time_s": [0.1], "train_reward": [0.5]}
+        >>> results = {"config": {"threshold": 0.6, "steps": 10, "eval_prompts": 64},
+        ...            "summary": R.summarize([rec], ["grpo"]), "verdict": ["one line."],
+        ...            "task": {"chance_accuracy": 0.25}, "wall_time_s": {"total": 12.3}}
+        >>> print(report_text(results).splitlines()[2])
+        | grpo | 0.75 (1 seed) | 10 (1/1) | 100% | 0.000 | 0.100 |
+    """
+    cfg = results["config"]
+    table = R.results_table(results["summary"], threshold=cfg["threshold"], steps=cfg["steps"])
+    return (f"{table}\n\n" + "\n".join(f"- {line}" for line in results["verdict"]) +
+            f"\n\nChance accuracy {results['task']['chance_accuracy']:.2f}; held-out accuracy is greedy on "
+            f"{cfg['eval_prompts']} fixed prompts. Wall time {results['wall_time_s']['total']:.0f} s.\n")
+
+
+def print_report(results: Mapping[str, Any], cfg: DemoConfig, out: Path, stream: Any) -> None:
+    """Print the results (``report_text``), the files written and an ``rlcredit inspect`` command to try."""
+    example = T.make_example(7, cfg.shapes)
+    print("", file=stream)
+    print(report_text(results), file=stream)
+    print(f"wrote {out}/: results.json, results.md, curves.png"
+          f"{', heatmaps.html, heatmaps.png' if cfg.heatmap_samples else ''}, model/ ({results['inspect_model']}, "
+          f"for rlcredit inspect), sample.png", file=stream)
+    print(f"try: rlcredit inspect --model {out}/model --image {out}/sample.png "
+          f"--prompt 'what colour is the {example.asked} ?' --response 'ok . the answer is "
+          f"{example.answer} .' --out inspect.html --png", file=stream)
+
+
+def run_demo(cfg: DemoConfig, out: str | os.PathLike = DEFAULT_OUT, *, stream: Any = None) -> dict[str, Any]:
+    """Train ``cfg.presets`` over ``cfg.seeds`` seeds, write the results folder ``out`` and print the table.
+
+    ``check_presets``, ``prepare_output``, ``train``, ``write_results`` (into a temporary sibling
+    folder, renamed into place at the end; removed on any failure), then ``print_report``.
 
     Args:
         cfg: the run's settings.
@@ -168,7 +345,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "rlcredit-demo", *, strea
         The results dictionary written to ``results.json``.
 
     Raises:
-        rlcredit.RegistryError: an unknown preset. rlcredit.SpecError: a bad output folder.
+        rlcredit.RegistryError: an unknown preset. rlcredit.SpecError: a bad spec file or output folder.
 
     Examples:
         >>> import io, tempfile
@@ -183,124 +360,21 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = "rlcredit-demo", *, strea
     """
     stream = stream or sys.stdout
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    check_presets(cfg.presets)
+    presets = check_presets(cfg.presets)
     out_path, tmp = prepare_output(out)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         start = time.perf_counter()
-        kit = M.ModelKit()
-        records: list[dict[str, Any]] = []
-        models: dict[str, Any] = {}
-        warm_losses = {}
-        print(f"rlcredit demo: {len(cfg.presets)} presets x {cfg.seeds} seeds x {cfg.steps} steps "
+        print(f"rlcredit demo: {len(presets)} presets x {cfg.seeds} seeds x {cfg.steps} steps "
               f"({cfg.prompts_per_step} prompts x {cfg.group_size} samples per step) -> {out_path}", file=stream)
-        with _bar(cfg.seeds * cfg.warmup_steps, "format warm-up", cfg.progress) as wbar, \
-                _bar(cfg.seeds * len(cfg.presets) * cfg.steps, "RL", cfg.progress) as bar:
-            for seed in range(cfg.seeds):
-                state, losses = warm_start(kit, cfg, seed, progress=wbar)
-                warm_losses[seed] = losses[-1] if losses else None
-                for preset in cfg.presets:
-                    record, model = run_preset(preset, seed, kit, state, cfg, progress=bar)
-                    records.append(record)
-                    if seed == 0:
-                        models[preset] = model
-        train_s = time.perf_counter() - start
-        summary = R.summarize(records, cfg.presets)
-        table = R.results_table(summary, threshold=cfg.threshold, steps=cfg.steps)
-        lines = R.verdict(summary)
-        chance = 1.0 / len(T.COLOURS)
-        R.plot_curves(summary, tmp / "curves.png", threshold=cfg.threshold, chance=chance)
-        if cfg.heatmap_samples:
-            from rlcredit_mm.inspect import heatmap_html, heatmap_png
-
-            heat = _heatmaps(kit, models, cfg)
-            intro = ("Each token of a sampled response, coloured by its visual dependency (exact KL between the "
-                     "policy's next-token distributions with the picture and with a black picture; VPPO) and its "
-                     "connectivity (attention mass on image tokens, sink-debiased; AT-RL). Underlined: tokens the "
-                     "preset kept (non-zero weight). Only the colour word depends on the picture.")
-            (tmp / "heatmaps.html").write_text(heatmap_html(heat, title="rlcredit demo: token heatmaps", intro=intro),
-                                               encoding="utf-8")
-            per = cfg.heatmap_samples
-            shown = [h for k in range(0, len(heat), per) for h in heat[k:k + 2]]  # two of each policy
-            heatmap_png(shown, tmp / "heatmaps.png", title="rlcredit demo: token heatmaps")
-        keep = "vppo" if "vppo" in models else next(iter(models))
-        _save_model(kit, models[keep], tmp / "model")
-        T.render(T.make_example(7, cfg.shapes), kit.image_size).save(tmp / "sample.png")
-        wall_s = time.perf_counter() - start
-        results = {
-            "config": cfg.to_dict(),
-            "task": {"colours": list(T.COLOURS), "shapes": list(T.SHAPES), "chance_accuracy": chance,
-                     "image_size": kit.image_size, "eval_prompts": cfg.eval_prompts},
-            "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "transformers": __import__("transformers").__version__, "rlcredit": rlcredit.__version__,
-                            "threads": cfg.threads, "cpus": os.cpu_count(), "platform": platform.platform()},
-            "warmup_final_loss": warm_losses,
-            "summary": {p: {k: v for k, v in s.items() if k != "runs"} for p, s in summary.items()},
-            "verdict": lines,
-            "runs": records,
-            "inspect_model": keep,
-            "wall_time_s": {"training": train_s, "total": wall_s},
-        }
-        (tmp / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-        text = (f"{table}\n\n" + "\n".join(f"- {line}" for line in lines) +
-                f"\n\nChance accuracy {chance:.2f}; held-out accuracy is greedy on {cfg.eval_prompts} fixed prompts. "
-                f"Wall time {wall_s:.0f} s.\n")
-        (tmp / "results.md").write_text(text, encoding="utf-8")
+        trained = train(cfg, presets)
+        results = write_results(cfg, presets, trained, tmp, start=start)
         _publish(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         torch.set_num_threads(threads)
-    print("", file=stream)
-    print(text, file=stream)
-    print(f"wrote {out_path}/: results.json, results.md, curves.png"
-          f"{', heatmaps.html, heatmaps.png' if cfg.heatmap_samples else ''}, model/ ({keep}, for rlcredit inspect), "
-          f"sample.png", file=stream)
-    print(f"try: rlcredit inspect --model {out_path}/model --image {out_path}/sample.png "
-          f"--prompt 'what colour is the {T.make_example(7, cfg.shapes).asked} ?' --response 'ok . the answer is "
-          f"{T.make_example(7, cfg.shapes).answer} .' --out inspect.html --png", file=stream)
+    print_report(results, cfg, out_path, stream)
     return results
-
-
-def config_from_args(args: Any) -> DemoConfig:
-    """The ``DemoConfig`` of parsed ``rlcredit demo`` flags (``--quick`` first, flags override).
-
-    Examples:
-        >>> from rlcredit.cli import build_parser
-        >>> cfg = config_from_args(build_parser().parse_args(["demo", "--quick", "--seeds", "2"]))
-        >>> cfg.seeds, cfg.steps
-        (2, 4)
-    """
-    overrides: dict[str, Any] = {}
-    for flag in ("seeds", "steps", "shapes", "threshold", "lr"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides[flag] = value
-    if args.presets is not None:
-        overrides["presets"] = args.presets
-    overrides["progress"] = not args.no_progress
-    return DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-
-
-def main(args: Any) -> int:
-    """Entry point of ``rlcredit demo`` (``args`` from ``rlcredit.cli``); returns the exit code.
-
-    0: done; 2: bad input (the message goes to stderr, nothing is written); 130: interrupted.
-
-    Examples:
-        >>> from rlcredit.cli import build_parser
-        >>> main(build_parser().parse_args(["demo", "--presets", "nope"]))
-        2
-    """
-    try:
-        cfg = config_from_args(args)
-        run_demo(cfg, args.out)
-    except RLCreditError as err:
-        print(f"rlcredit demo: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rlcredit demo: interrupted; nothing was written.", file=sys.stderr)
-        return 130
-    return 0

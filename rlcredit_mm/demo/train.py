@@ -31,10 +31,11 @@ from torch import Tensor
 import rlcredit
 from rlcredit import functional as F
 from rlcredit.errors import SpecError
+from rlcredit.validators import is_bool
 from rlcredit_mm.demo import model as M
 from rlcredit_mm.demo import task as T
 
-__all__ = ["DEFAULT_PRESETS", "DemoConfig", "Sampled", "sample", "evaluate", "run_preset", "scale_spread",
+__all__ = ["DEFAULT_PRESETS", "QUICK", "DemoConfig", "Sampled", "sample", "evaluate", "run_preset", "scale_spread",
            "warm_start"]
 
 DEFAULT_PRESETS: tuple[str, ...] = ("grpo", "dapo", "entropy_forks", "vppo", "at_rl")
@@ -56,25 +57,62 @@ def _positive_float(instance: Any, attribute: Any, value: Any) -> None:
         raise SpecError(f"DemoConfig.{attribute.name} must be a finite number > 0, got {value!r}.")
 
 
+def _shape_count(instance: Any, attribute: Any, value: Any) -> None:
+    _positive_int(instance, attribute, value)
+    if value > len(T.SHAPES):
+        raise SpecError(f"DemoConfig.shapes must be in [1, {len(T.SHAPES)}], got {value}.")
+
+
+def _accuracy(instance: Any, attribute: Any, value: Any) -> None:
+    _positive_float(instance, attribute, value)
+    if value > 1:
+        raise SpecError(f"DemoConfig.{attribute.name} is an accuracy in (0, 1], got {value}.")
+
+
+def _width(instance: Any, attribute: Any, value: Any) -> None:
+    _positive_int(instance, attribute, value)
+    if value % 16:
+        raise SpecError(f"DemoConfig.{attribute.name} must be a multiple of 16 (attention heads of 16), got {value}.")
+
+
 def _to_presets(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
-        value = [v for v in value.replace(" ", ",").split(",") if v]
+        value = [v.strip() for v in value.split(",") if v.strip()]
     return tuple(value)
 
 
 def _check_presets(instance: Any, attribute: Any, value: tuple[str, ...]) -> None:
     if not value:
         raise SpecError("DemoConfig.presets is empty; name at least one preset, e.g. --presets grpo,vppo.")
+    bad = [v for v in value if not isinstance(v, str) or not v]
+    if bad:
+        raise SpecError(f"DemoConfig.presets holds preset names or spec file paths (strings), got {bad[0]!r}.")
     if len(set(value)) != len(value):
         raise SpecError(f"DemoConfig.presets lists a preset twice: {', '.join(value)}.")
 
 
+def _help(text: str) -> dict[str, str]:
+    """Field metadata that makes the field a ``rlcredit demo`` flag (``--name-with-dashes``) with this help."""
+    return {"help": text}
+
+
+QUICK: dict[str, Any] = dict(seeds=1, steps=4, prompts_per_step=4, group_size=4, warmup_steps=60,
+                             eval_prompts=16, eval_every=2, heatmap_samples=2)
+"""The ``--quick`` bundle (``DemoConfig.quick``): smaller values for a smoke run of every preset."""
+
+
 @attrs.frozen
 class DemoConfig:
-    """Everything that defines a demo run (the CLI flags map onto these fields).
+    """Everything that defines a demo run; the fields with ``help`` metadata are the ``rlcredit demo`` flags.
+
+    Each field holds its default and its validator, and nothing else does: ``rlcredit demo``
+    derives its flags (name, type, help, default shown) from these fields and builds a
+    ``DemoConfig`` from what was given (``--quick``: ``DemoConfig.quick``, then the flags).
 
     Args:
-        presets: registered strategy presets to train (each is ``rlcredit.build(name)``).
+        presets: what to train: registered preset names (``rlcredit.build(name)``) or paths of
+            strategy spec files (``.json``, ``.yaml``, ``.yml``, ``.toml``; labelled by their file
+            stem in the results). A string is split on commas.
         seeds: number of seeds (0 .. seeds-1); each seed has its own warm-up, prompts and sampling.
         steps: RL steps per run.
         prompts_per_step: prompts per step; group_size: responses per prompt (``B = P * G`` rows).
@@ -89,7 +127,7 @@ class DemoConfig:
         eval_prompts: held-out prompts answered greedily every ``eval_every`` steps.
         threshold: held-out accuracy whose first crossing is reported as "steps to threshold".
         shapes: shapes per picture (1: read the colour of the only shape; 2-3: find the asked one).
-        hidden: model width.
+        hidden: model width (a multiple of 16).
         heatmap_samples: sample responses shown in ``heatmaps.html``.
         threads: torch intra-op threads during the run (restored afterwards). 1 is as fast for
             these tiny matrices and immune to oversubscription: with 2 OpenMP threads on 2 busy
@@ -103,19 +141,25 @@ class DemoConfig:
         >>> cfg = DemoConfig(presets="grpo,vppo", seeds=2)
         >>> cfg.presets, cfg.prompts_per_step * cfg.group_size
         (('grpo', 'vppo'), 64)
+        >>> [f.name for f in attrs.fields(DemoConfig) if "help" in f.metadata]
+        ['presets', 'seeds', 'steps', 'lr', 'threshold', 'shapes', 'progress']
         >>> DemoConfig(minibatches=3)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         rlcredit.errors.SpecError: DemoConfig.minibatches (3) must divide prompts_per_step (8): ...
     """
 
-    presets: tuple[str, ...] = attrs.field(default=DEFAULT_PRESETS, converter=_to_presets, validator=_check_presets)
-    seeds: int = attrs.field(default=3, validator=_positive_int)
-    steps: int = attrs.field(default=100, validator=_positive_int)
+    presets: tuple[str, ...] = attrs.field(
+        default=DEFAULT_PRESETS, converter=_to_presets, validator=_check_presets,
+        metadata=_help("comma-separated preset names or strategy spec files (.json, .yaml, .yml, .toml; "
+                       "labelled by file stem)"))
+    seeds: int = attrs.field(default=3, validator=_positive_int, metadata=_help("number of seeds, 0..N-1"))
+    steps: int = attrs.field(default=100, validator=_positive_int, metadata=_help("RL steps per run"))
     prompts_per_step: int = attrs.field(default=8, validator=_positive_int)
     group_size: int = attrs.field(default=8, validator=_positive_int)
     minibatches: int = attrs.field(default=2, validator=_positive_int)
-    lr: float = attrs.field(default=1e-3, validator=_positive_float)
+    lr: float = attrs.field(default=1e-3, validator=_positive_float,
+                            metadata=_help("AdamW learning rate of the RL updates"))
     lr_warmup: int = attrs.field(default=10, validator=_nonneg_int)
     warmup_steps: int = attrs.field(default=120, validator=_nonneg_int)
     warmup_lr: float = attrs.field(default=5e-3, validator=_positive_float)
@@ -123,33 +167,34 @@ class DemoConfig:
     temperature: float = attrs.field(default=1.0, validator=_positive_float)
     eval_prompts: int = attrs.field(default=64, validator=_positive_int)
     eval_every: int = attrs.field(default=10, validator=_positive_int)
-    threshold: float = attrs.field(default=0.6, validator=_positive_float)
-    shapes: int = attrs.field(default=1, validator=_positive_int)
-    hidden: int = attrs.field(default=64, validator=_positive_int)
+    threshold: float = attrs.field(default=0.6, validator=_accuracy,
+                                   metadata=_help("held-out accuracy for 'steps to threshold', in (0, 1]"))
+    shapes: int = attrs.field(default=1, validator=_shape_count,
+                              metadata=_help("shapes per picture, 1-3 (2-3 make the model find the asked shape)"))
+    hidden: int = attrs.field(default=64, validator=_width)
     heatmap_samples: int = attrs.field(default=4, validator=_nonneg_int)
     threads: int = attrs.field(default=1, validator=_positive_int)
-    progress: bool = True
+    progress: bool = attrs.field(default=True, validator=is_bool,
+                                 metadata=_help("progress bars"))
 
     def __attrs_post_init__(self) -> None:
-        if self.shapes > len(T.SHAPES):
-            raise SpecError(f"DemoConfig.shapes must be in [1, {len(T.SHAPES)}], got {self.shapes}.")
         if self.prompts_per_step % self.minibatches:
             raise SpecError(
                 f"DemoConfig.minibatches ({self.minibatches}) must divide prompts_per_step ({self.prompts_per_step}): "
                 f"mini-batches hold whole groups."
             )
-        if self.threshold > 1:
-            raise SpecError(f"DemoConfig.threshold is an accuracy in (0, 1], got {self.threshold}.")
-        if self.hidden % 16:
-            raise SpecError(f"DemoConfig.hidden must be a multiple of 16 (attention heads of 16), got {self.hidden}.")
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """The ``--quick`` setting: one seed, a few steps of every preset (a smoke run for CI)."""
-        params: dict[str, Any] = dict(seeds=1, steps=4, prompts_per_step=4, group_size=4, warmup_steps=60,
-                                      eval_prompts=16, eval_every=2, heatmap_samples=2)
-        params.update(overrides)
-        return cls(**params)
+        """The ``--quick`` setting: ``QUICK`` (1 seed, 4 steps of 4 prompts x 4 samples, a 60-step
+        warm-up, 16 held-out prompts every 2 steps, 2 heatmap samples), then ``overrides``.
+
+        Examples:
+            >>> cfg = DemoConfig.quick(seeds=2)
+            >>> cfg.seeds, cfg.steps, cfg.group_size
+            (2, 4, 4)
+        """
+        return cls(**{**QUICK, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self)
@@ -276,8 +321,15 @@ def warm_start(kit: M.ModelKit, cfg: DemoConfig, seed: int, progress: Any = None
 
 
 def run_preset(preset: str, seed: int, kit: M.ModelKit, warm_state: dict[str, Tensor], cfg: DemoConfig,
-               progress: Any = None) -> tuple[dict[str, Any], Any]:
+               progress: Any = None, *, label: str | None = None) -> tuple[dict[str, Any], Any]:
     """Train one preset from the warm state for ``cfg.steps`` steps.
+
+    Args:
+        preset: a preset name or a strategy spec file (``rlcredit.build(preset)``).
+        seed: the run's seed (prompts, sampling); kit: the tokenizer and image processor.
+        warm_state: the seed's warm-up weights (``warm_start``); cfg: the run's settings.
+        progress: a tqdm bar advanced once per step, or None.
+        label: the name of the run in the record (default: ``preset``).
 
     Returns:
         ``(record, model)``: the per-step record (train reward, kept share, scale spread, step
@@ -343,8 +395,8 @@ def run_preset(preset: str, seed: int, kit: M.ModelKit, warm_state: dict[str, Te
             eval_steps.append(step)
             eval_acc.append(evaluate(model, kit, eval_set, cfg.max_new_tokens))
         if progress is not None:
-            progress.set_postfix_str(f"{preset} seed {seed} acc {eval_acc[-1]:.2f}", refresh=False)
+            progress.set_postfix_str(f"{label or preset} seed {seed} acc {eval_acc[-1]:.2f}", refresh=False)
             progress.update(1)
     reached = next((s for s, a in zip(eval_steps, eval_acc) if a >= cfg.threshold), None)
-    return {"preset": preset, "seed": seed, **record, "eval_steps": eval_steps, "eval_accuracy": eval_acc,
+    return {"preset": label or preset, "seed": seed, **record, "eval_steps": eval_steps, "eval_accuracy": eval_acc,
             "final_accuracy": eval_acc[-1], "steps_to_threshold": reached}, model
