@@ -303,7 +303,7 @@ class GTPO:
         tensor([[1.5000, 2.5000, 0.0000]])
     """
 
-    beta: float = attrs.field(default=0.1, validator=in_range(0.0, 1.0))
+    beta: float = attrs.field(default=0.1, converter=to_number, validator=in_range(0.0, 1.0))
     score: str | None = attrs.field(default="entropy", validator=optional_str)
 
     @property
@@ -352,8 +352,8 @@ class EntropyAdvantage:
                 [-0.8000, -0.5000]])
     """
 
-    alpha: float = attrs.field(default=0.4, validator=in_range(0.0))
-    kappa: float = attrs.field(default=2.0, validator=in_range(1.0))
+    alpha: float = attrs.field(default=0.4, converter=to_number, validator=in_range(0.0))
+    kappa: float = attrs.field(default=2.0, converter=to_number, validator=in_range(1.0))
     score: str | None = attrs.field(default="entropy", validator=optional_str)
 
     @property

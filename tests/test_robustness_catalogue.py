@@ -265,7 +265,7 @@ RAISES: list[tuple[str, Callable[[], Any], type, list[str]]] = [
     ("build_empty_string", lambda: rlcredit.build(""), S, ["empty string", "presets: "]),
     ("build_a_folder", lambda: rlcredit.build(str(_tmp())), S, ["is a folder, not a spec file"]),
     ("build_missing_file", lambda: rlcredit.build("no_such_spec.json"), S, ["no_such_spec.json", "does not exist"]),
-    ("build_misspelt_preset", lambda: rlcredit.build("gpro"), G, ["did you mean 'grpo'", "No file 'gpro'"]),
+    ("build_misspelt_preset", lambda: rlcredit.build("dr-grpo"), G, ["did you mean 'dr_grpo'", "No file 'dr-grpo'"]),
     ("build_none", lambda: rlcredit.build(None), S, ["preset name, a spec dict", "NoneType"]),
     ("build_a_list", lambda: rlcredit.build(["grpo"]), S, ["preset name", "list"]),
     ("build_non_utf8_file", lambda: rlcredit.build(spec_file(_tmp(), "s.json", b'{"preset": "\xff"}')), S,
