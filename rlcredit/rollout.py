@@ -7,23 +7,19 @@ non-finite value fails here, naming the field, instead of deep inside a kernel.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 import attrs
 import torch
 from torch import Tensor
 
+from rlcredit._rows import Rows, describe, row_index
 from rlcredit.errors import RolloutError
 from rlcredit.functional._checks import FLOAT32_MAX, check_weights, ensure, storage_problem
 
 __all__ = ["Rollout", "Credit", "LossOutput", "EstimatorOutput", "Rows"]
-
-Rows = Union[Tensor, slice, "list[int]", "list[bool]", range]
-"""Row selector for ``select``: integer indices in ``[0, B)`` (a tensor, NumPy array, list or range), a
-bool mask of length ``B`` (a tensor, NumPy array or list), or a slice."""
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None, where: str = "a mapping field") -> Mapping[str, Any]:
@@ -93,12 +89,6 @@ def _float_rewards(rewards: Any) -> Any:
     return rewards
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
-    return f"{type(x).__name__}"
-
-
 def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.device | None,
                   kind: str, finite: bool = True, trailing: bool = False) -> None:
     """Raise RolloutError unless ``x`` is a dense tensor of ``shape`` (leading dims if ``trailing``) and ``kind``.
@@ -107,7 +97,7 @@ def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.
     must be finite in float32 (see ``_check_finite``).
     """
     if not isinstance(x, Tensor):
-        raise RolloutError(f"{owner}.{name} must be a torch.Tensor of shape {list(shape)}, got {_describe(x)}.")
+        raise RolloutError(f"{owner}.{name} must be a torch.Tensor of shape {list(shape)}, got {describe(x)}.")
     problem = storage_problem(x)
     if problem is not None:
         raise RolloutError(f"{owner}.{name} {problem}.")
@@ -150,75 +140,6 @@ def _check_finite(where: str, x: Tensor) -> None:
     ensure(ok.all(), lambda: (
         f"{where} contains {int((~ok).sum())} non-finite value(s) ({what}); every entry must be finite, padding "
         f"positions included (fill them with 0)."))
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool) or type(v).__name__ == "bool_"  # NumPy's bool scalar is not a Python bool
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not _is_bool(v)
-
-
-def _index(rows: Rows, n: int, device: torch.device) -> Tensor:
-    """The one row-selection rule of ``Rollout.select`` and ``Credit.select``, as an int64 index tensor.
-
-    Accepted: integer indices in ``[0, n)`` (a 1-D integer tensor or NumPy array, a list or tuple of
-    ints, a range), a bool mask of length ``n`` (a 1-D bool tensor or NumPy array, a list or tuple
-    of bools), or a slice. Indices may repeat (the row is then taken twice) and come in any order.
-    Rejected, with a ``RolloutError``: negative or out-of-range indices, floats, a mix of bools
-    and ints, a bare int (write ``[i]``), other types, and an empty selection.
-    """
-    where = "select(rows)"
-    if isinstance(rows, slice):
-        if not all(v is None or _is_int(v) for v in (rows.start, rows.stop, rows.step)) or rows.step == 0:
-            raise RolloutError(f"{where}: a slice needs int (or None) start, stop and a non-zero step, got {rows!r}.")
-        idx = torch.as_tensor(range(n)[rows], dtype=torch.long)
-    elif isinstance(rows, (list, tuple, range)):
-        items = list(rows)
-        if items and all(_is_bool(v) for v in items):
-            idx = torch.tensor([bool(v) for v in items], dtype=torch.bool)
-        elif all(_is_int(v) for v in items):
-            try:
-                idx = torch.tensor([int(v) for v in items], dtype=torch.long)
-            except RuntimeError:  # an int beyond int64
-                raise RolloutError(f"{where}: row indices must lie in [0, {n}), got {items[:8]!r}.") from None
-        else:
-            bad = next(v for v in items if not _is_int(v))
-            raise RolloutError(
-                f"{where}: a list of rows holds either ints (row indices) or bools (a mask of length {n}), "
-                f"got {bad!r} ({type(bad).__name__}) among {items[:8]!r}."
-            )
-    elif isinstance(rows, Tensor):
-        problem = storage_problem(rows)
-        if problem is not None:
-            raise RolloutError(f"{where}: the row tensor {problem}.")
-        idx = rows
-    elif type(rows).__module__ == "numpy" and hasattr(rows, "dtype") and hasattr(rows, "ndim"):
-        if rows.dtype.kind not in "biu":
-            raise RolloutError(f"{where}: expected integer row indices or a bool mask, got a NumPy array of {rows.dtype}.")
-        idx = torch.as_tensor(rows.astype("int64") if rows.dtype.kind == "u" else rows)
-    else:
-        hint = f"; for one row write [{rows!r}]" if _is_int(rows) else ""
-        raise RolloutError(
-            f"{where} takes row indices (an int tensor, list or range), a bool mask of length {n} or a slice; "
-            f"got {type(rows).__name__}{hint}."
-        )
-    if idx.dtype == torch.bool:
-        if tuple(idx.shape) != (n,):
-            raise RolloutError(f"{where}: a bool mask must have shape [{n}] (one entry per row), got {list(idx.shape)}.")
-        idx = idx.to(device).nonzero().flatten()
-    elif idx.dtype.is_floating_point or idx.dtype.is_complex or idx.ndim != 1:
-        raise RolloutError(f"{where}: expected 1-D integer row indices or a bool mask, got {_describe(idx)}.")
-    else:
-        idx = idx.to(device=device, dtype=torch.long)
-        if idx.numel():
-            ensure(((idx >= 0) & (idx < n)).all(), lambda: (
-                f"{where}: row indices must lie in [0, {n}) (no negative indices), got min {int(idx.min())}, "
-                f"max {int(idx.max())}."))
-    if idx.numel() == 0:
-        raise RolloutError(f"{where} selected no rows (B = 0); pass at least one row.")
-    return idx
 
 
 @attrs.frozen(eq=False)
@@ -308,7 +229,7 @@ class Rollout:
         if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < T:
             raise RolloutError(
                 f"Rollout.model_inputs['input_ids'] must be [B, P+T] = [{B}, >= {T}] with the response "
-                f"in the last T columns, got {_describe(ids)}."
+                f"in the last T columns, got {describe(ids)}."
             )
         _check_tensor("Rollout", "model_inputs['input_ids']", ids, shape=tuple(ids.shape), device=None, kind="int")
         ensure((ids >= 0).all(), lambda: "Rollout.model_inputs['input_ids'] holds negative token ids; token ids are "
@@ -317,7 +238,7 @@ class Rollout:
         if attn is not None and (not isinstance(attn, Tensor) or tuple(attn.shape) != tuple(ids.shape)):
             raise RolloutError(
                 f"Rollout.model_inputs['attention_mask'] must match input_ids {list(ids.shape)}, "
-                f"got {_describe(attn)}."
+                f"got {describe(attn)}."
             )
 
     @property
@@ -381,7 +302,7 @@ class Rollout:
             >>> r.select([2, 0]).rewards, r.select([True, False, True]).rewards
             (tensor([2., 1.]), tensor([1., 2.]))
         """
-        idx = _index(rows, self.batch_size, self.device)
+        idx = row_index(rows, self.batch_size, self.device)
 
         def take(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.index_select(0, idx)
@@ -450,7 +371,7 @@ class Credit:
         check_weights("Credit.token_weights", w)
         adv = self.advantages
         if not isinstance(adv, Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
-            raise RolloutError(f"Credit.advantages must be [B] = [{B}] or [B, T] = [{B}, {T}], got {_describe(adv)}.")
+            raise RolloutError(f"Credit.advantages must be [B] = [{B}] or [B, T] = [{B}, {T}], got {describe(adv)}.")
         _check_tensor("Credit", "advantages", adv, shape=tuple(adv.shape), device=w.device, kind="float")
 
     def select(self, rows: Rows) -> Credit:
@@ -462,7 +383,7 @@ class Credit:
             >>> c.select(torch.tensor([2, 0])).advantages
             tensor([0.5000, 1.0000])
         """
-        idx = _index(rows, self.token_weights.shape[0], self.token_weights.device)
+        idx = row_index(rows, self.token_weights.shape[0], self.token_weights.device)
         return Credit(scores={k: v.index_select(0, idx) for k, v in self.scores.items()},
                       token_weights=self.token_weights.index_select(0, idx),
                       advantages=self.advantages.index_select(0, idx), metrics=self.metrics)
@@ -488,7 +409,7 @@ class Credit:
             return folded
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(folded.shape):
             raise RolloutError(f"Credit.token_advantages(mask): mask must be a [B, T] = {list(folded.shape)} bool "
-                               f"tensor, got {_describe(mask)}.")
+                               f"tensor, got {describe(mask)}.")
         return torch.where(mask, folded, torch.zeros((), device=folded.device))
 
 
@@ -511,4 +432,4 @@ class LossOutput:
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.loss, Tensor) or self.loss.ndim != 0:
-            raise RolloutError(f"LossOutput.loss must be a scalar tensor, got {_describe(self.loss)}.")
+            raise RolloutError(f"LossOutput.loss must be a scalar tensor, got {describe(self.loss)}.")
