@@ -33,11 +33,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rlcredit.errors import SpecError
-from rlcredit.functional._checks import int_problem, real_problem
+from rlcredit.functional._checks import TOKEN_WEIGHT_MAX, int_problem, real_problem
 from rlcredit.registry import build_component
 
-__all__ = ["in_range", "one_of", "int_at_least", "is_bool", "non_empty_str", "optional_str", "to_number",
-           "to_component", "to_components"]
+__all__ = ["in_range", "one_of", "int_at_least", "is_bool", "non_empty_str", "optional_str", "token_weight",
+           "to_number", "to_component", "to_components"]
 
 
 def _where(instance: Any, attribute: Any) -> str:
@@ -88,6 +88,23 @@ def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool 
             raise SpecError(f"{_where(instance, attribute)} {problem}.")
 
     return validate
+
+
+def token_weight(instance: Any, attribute: Any, value: Any) -> None:
+    """attrs validator: a token weight a weighter hands out, a finite number in ``[0, 1e20]``.
+
+    The range ``rlcredit.Credit`` accepts for token weights: checked where the weight is written.
+
+    Examples:
+        >>> import attrs
+        >>> from rlcredit.validators import to_number, token_weight
+        >>> @attrs.frozen
+        ... class Boost:
+        ...     w: float = attrs.field(default=2.0, converter=to_number, validator=token_weight)
+        >>> Boost().w
+        2.0
+    """
+    in_range(0.0, TOKEN_WEIGHT_MAX)(instance, attribute, value)
 
 
 def one_of(*choices: Any):

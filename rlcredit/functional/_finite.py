@@ -26,6 +26,14 @@ def pow2_scale(top: torch.Tensor) -> torch.Tensor:
     subnormals), so a statistic computed on ``x / scale`` and multiplied back by ``scale`` is
     the statistic of ``x`` to the last bit, while squares and sums of ``x / scale`` cannot
     overflow. ``top = 0`` gives 0.5. ``top`` is a float32 tensor of magnitudes (any shape).
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional._finite import pow2_scale
+        >>> x = torch.tensor([3e38, -1e38])
+        >>> scale = pow2_scale(x.abs().max())
+        >>> x.square().sum(), (x / scale).square().sum().sqrt() * scale  # the norm, without overflow
+        (tensor(inf), tensor(3.1623e+38))
     """
     _, exponent = torch.frexp(top)
     return torch.ldexp(torch.ones_like(top), exponent - 1)
@@ -59,6 +67,12 @@ def saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     The one rule for what a loss hands back when the exact value does not fit: a float32
     gradient of 8e4 for a float16 log-prob becomes 65504 (float16's largest), never ``inf``, and a
     loss beyond float32's range becomes +-3.4e38. NaN stays NaN (it can only come from a NaN input).
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional._finite import saturate
+        >>> saturate(torch.tensor([1e5, -2.0, float("-inf")]), torch.float16).tolist()
+        [65504.0, -2.0, -65504.0]
     """
     top = min(torch.finfo(dtype).max, torch.finfo(x.dtype).max)
     return x.clamp(-top, top).to(dtype)
