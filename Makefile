@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench docs verl-contract clean
+.PHONY: install demo test fuzz bench docs verl-contract clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The long profile of the no-NaN/inf property tests (issue #14): fresh Hypothesis examples, ~2-5 min.
+fuzz: $(STAMP)
+	RLCREDIT_FUZZ=long $(PY) -m pytest -q tests/test_robustness_property.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from rlcredit.errors import RolloutError
+from rlcredit.functional._checks import storage_problem
 
 __all__ = ["per_token"]
 
@@ -23,6 +24,9 @@ def per_token(x: Any, mask: Tensor, who: str) -> Tensor:
     if not isinstance(x, Tensor) or tuple(x.shape) != tuple(mask.shape):
         got = f"shape {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise RolloutError(f"{who} must return a [B, T] = {list(mask.shape)} tensor, got {got}.")
+    problem = storage_problem(x)
+    if problem is not None:
+        raise RolloutError(f"{who} returned a tensor that {problem}.")
     if x.is_complex():
         raise RolloutError(f"{who} must return real values, got dtype {x.dtype}.")
     if x.device != mask.device:

@@ -20,7 +20,7 @@ from rlcredit.registry import register
 from rlcredit.requirements import POLICY, AllOf, AnyOf, Field, Requirement
 from rlcredit.requirements import Signal as SignalRequirement
 from rlcredit.rollout import EstimatorOutput, Rollout
-from rlcredit.validators import in_range, non_empty_str
+from rlcredit.validators import in_range, non_empty_str, to_number
 
 __all__ = ["DependencyEstimator", "Uniform", "Signal", "Entropy"]
 
@@ -151,7 +151,7 @@ class Entropy:
         tensor([[0.5000, 0.0000]])
     """
 
-    temperature: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
+    temperature: float = attrs.field(default=1.0, converter=to_number, validator=in_range(0.0, lo_open=True))
 
     requires = (AnyOf(SignalRequirement("entropy"), AllOf(POLICY, Field("model_inputs"))),)
     extras = ()

@@ -14,8 +14,9 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcredit.validators import in_range
+from rlcredit.validators import int_at_least, to_number
 from rlcredit.errors import AdapterError, RolloutError
+from rlcredit.functional._checks import check_real, ensure, storage_problem
 
 __all__ = ["HFPolicy", "TokenStats"]
 
@@ -103,8 +104,8 @@ class HFPolicy:
     """
 
     model: Any
-    rows_per_chunk: int = attrs.field(default=4, validator=in_range(1))
-    tokens_per_chunk: int = attrs.field(default=32, validator=in_range(1))
+    rows_per_chunk: int = attrs.field(default=4, converter=to_number, validator=int_at_least(1))
+    tokens_per_chunk: int = attrs.field(default=32, converter=to_number, validator=int_at_least(1))
     adapter: Any = None
 
     def __attrs_post_init__(self) -> None:
@@ -151,12 +152,33 @@ class HFPolicy:
     # --- inputs ----------------------------------------------------------------------------------
 
     def _prepare(self, model_inputs: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(model_inputs, Mapping):
+            raise RolloutError(f"HFPolicy: model_inputs must be a mapping (the model's keyword arguments), got "
+                               f"{type(model_inputs).__name__}.")
         inputs = dict(model_inputs)
         if "input_ids" not in inputs:
             raise RolloutError("HFPolicy: model_inputs must contain 'input_ids' [B, P+T] (the response in the last T columns).")
+        self._check_token_ids(inputs["input_ids"])
         if self.adapter is not None and hasattr(self.adapter, "prepare_inputs"):
             inputs = self.adapter.prepare_inputs(inputs, self.model)
         return inputs
+
+    def _check_token_ids(self, ids: Any) -> None:
+        """``input_ids`` is a dense integer tensor of ids the model's embedding and LM head both cover."""
+        if not isinstance(ids, Tensor) or storage_problem(ids) is not None or not _is_integer(ids):
+            got = (f"a {ids.layout} {ids.dtype} tensor on {ids.device}" if isinstance(ids, Tensor)
+                   else type(ids).__name__)
+            raise RolloutError(f"HFPolicy: input_ids must be a dense integer (int64) tensor of token ids, got {got}; "
+                               f"convert with `.long()`.")
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        embed = getattr(self.model, "get_input_embeddings", lambda: None)()
+        if embed is not None and getattr(embed, "weight", None) is not None:
+            vocab = min(vocab, embed.weight.shape[0])
+        # Out-of-range ids would fail inside the embedding (an IndexError on the CPU, a device-side
+        # assert on CUDA) or read another token's logit: say so before the forward.
+        ensure(((ids >= 0) & (ids < vocab)).all(), lambda: (
+            f"HFPolicy: input_ids hold token ids outside the model's vocabulary [0, {vocab}) (min {int(ids.min())}, "
+            f"max {int(ids.max())}); tokenize with the model's own tokenizer and fill padding with its pad id."))
 
     def slice_rows(self, inputs: Mapping[str, Any], rows: slice) -> dict[str, Any]:
         """The model inputs of rows ``rows`` (multimodal layouts are sliced by the adapter)."""
@@ -213,8 +235,7 @@ class HFPolicy:
         """
         if not isinstance(response_mask, Tensor) or response_mask.dtype != torch.bool or response_mask.ndim != 2:
             raise RolloutError(f"HFPolicy: response_mask must be a [B, T] bool tensor, got {response_mask!r:.80}.")
-        if temperature <= 0:
-            raise RolloutError(f"HFPolicy: temperature must be > 0, got {temperature}.")
+        check_real("HFPolicy.response_stats", "temperature", temperature, low=0.0, low_open=True)
         inputs = self._prepare(model_inputs)
         ids = inputs["input_ids"]
         B, T = response_mask.shape
@@ -265,6 +286,10 @@ class HFPolicy:
     def logprobs(self, model_inputs: Mapping[str, Any], response_mask: Tensor, *, temperature: float = 1.0) -> Tensor:
         """Differentiable ``[B, T]`` log-probs of the response tokens (for ``Strategy.loss``)."""
         return self.response_stats(model_inputs, response_mask, temperature=temperature, grad=True).logprobs
+
+
+def _is_integer(x: Tensor) -> bool:
+    return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
 
 
 def _assemble(parts: list[tuple[slice, Tensor, Tensor]], B: int, T: int, device: torch.device) -> Tensor:

@@ -26,7 +26,7 @@ KINDS: tuple[str, ...] = ("estimator", "weighter", "shaper", "loss", "perturbati
 PLUGIN_GROUP = "rlcredit.plugins"
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
-_NAMES: dict[Any, tuple[str, str]] = {}
+_NAMES: dict[Any, tuple[tuple[str, str], ...]] = {}
 _PLUGINS_LOADED = False
 _PLUGIN_ERRORS: dict[str, str] = {}
 
@@ -45,7 +45,12 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
         kind: one of ``"estimator"``, ``"weighter"``, ``"shaper"``, ``"loss"``, ``"perturbation"``,
             ``"adapter"``, ``"strategy"``.
         name: the name configs use (``snake_case``).
-        override: replace an existing registration instead of raising.
+        override: replace an existing registration instead of raising. Objects of the replaced
+            class keep working, but a spec can no longer name them (the name now builds the new
+            class): their ``to_spec()`` raises ``SpecError`` instead of writing a spec that would
+            rebuild something else, so ``build(s.to_spec()) == s`` whenever ``to_spec()`` succeeds.
+            A class registered under several names is written under the first that still refers
+            to it.
 
     Returns:
         A decorator that registers its argument and returns it unchanged.
@@ -77,9 +82,12 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
                 f"or pass override=True to replace it."
             )
         table[name] = obj
-        # A class keeps the first name it was registered under: registering it again under an alias
-        # does not change the specs (``to_spec``) of the strategies that use it.
-        _NAMES.setdefault(obj, (kind, name))
+        # A class is written in specs under the first of its names that still refers to it:
+        # registering it again under an alias does not change the specs (``to_spec``) of the
+        # strategies that use it, and a name taken over with override=True is no longer its name.
+        names = _NAMES.get(obj, ())
+        if (kind, name) not in names:
+            _NAMES[obj] = (*names, (kind, name))
         return obj
 
     return decorator
@@ -170,9 +178,28 @@ def available(kind: str | None = None) -> list[str] | dict[str, list[str]]:
 
 
 def name_of(obj_or_cls: Any) -> tuple[str, str] | None:
-    """``(kind, name)`` under which a class (or an instance's class) is registered, else None."""
+    """``(kind, name)`` a spec writes for a class (or an instance's class), else None.
+
+    The first name the class was registered under that still refers to it: a name another class
+    took over (``register(..., override=True)``) no longer builds this class, so it is skipped.
+    """
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
-    return _NAMES.get(cls)
+    for kind, name in _NAMES.get(cls, ()):
+        if _REGISTRY[kind].get(name) is cls:
+            return kind, name
+    return None
+
+
+def _taken_over(cls: type) -> str | None:
+    """Why ``cls``, once registered, has no name now (another class took it over), or None."""
+    names = _NAMES.get(cls)
+    if not names:
+        return None
+    kind, name = names[0]
+    return (f"{cls.__name__} cannot be written as a spec: it was registered as {kind} {name!r}, but "
+            f"register(..., override=True) gave that name to {_qualname(_REGISTRY[kind][name])}, so a spec naming "
+            f"it would build that class instead; register {cls.__name__} under a name of its own, or undo the "
+            f"override.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +335,10 @@ def component_spec(obj: Any) -> Any:
         return {k: component_spec(v) for k, v in obj.items()}
     registered = name_of(obj)
     if registered is None or not attrs.has(type(obj)):
-        raise SpecError(
+        raise SpecError(_taken_over(type(obj)) or (
             f"{type(obj).__name__} is not a registered attrs component, so it cannot be written as a spec; "
             f"decorate it with @rlcredit.register(kind, name) and make it an attrs class."
-        )
+        ))
     params: dict[str, Any] = {}
     for a in attrs.fields(type(obj)):
         if not a.init:

@@ -9,26 +9,32 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 import attrs
 import torch
 from torch import Tensor
 
+from rlcredit._rows import Rows, describe, row_index
 from rlcredit.errors import RolloutError
-from rlcredit.functional._checks import ensure
+from rlcredit.functional._checks import FLOAT32_MAX, check_weights, ensure, storage_problem
 
 __all__ = ["Rollout", "Credit", "LossOutput", "EstimatorOutput", "Rows"]
 
-Rows = Union[Tensor, slice, "list[int]", "list[bool]", range]
-"""Row selector for ``select``: integer indices in ``[0, B)`` (a tensor, list or range), a bool mask of
-length ``B`` (a tensor or list), or a slice."""
 
-
-def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+def _frozen_mapping(value: Mapping[str, Any] | None, where: str = "a mapping field") -> Mapping[str, Any]:
     if isinstance(value, LazyMetrics):
         return value
+    if value is not None and not isinstance(value, Mapping):
+        raise RolloutError(
+            f"{where} must be a mapping name -> tensor (e.g. {{'entropy': tensor}}), got {type(value).__name__}."
+        )
     return MappingProxyType(dict(value or {}))
+
+
+def _mapping(where: str):
+    """The converter of one mapping field: read-only, with an error that names the field."""
+    return lambda value: _frozen_mapping(value, where)
 
 
 class LazyMetrics(Mapping):
@@ -67,6 +73,11 @@ class LazyMetrics(Mapping):
 
 
 def _optional_frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if value is not None and not isinstance(value, Mapping):
+        raise RolloutError(
+            f"Rollout.model_inputs must be a mapping (the model's keyword arguments, e.g. {{'input_ids': ..., "
+            f"'attention_mask': ...}}) or None, got {type(value).__name__}."
+        )
     return None if value is None else MappingProxyType(dict(value))
 
 
@@ -78,20 +89,18 @@ def _float_rewards(rewards: Any) -> Any:
     return rewards
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
-    return f"{type(x).__name__}"
-
-
 def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.device | None,
                   kind: str, finite: bool = True, trailing: bool = False) -> None:
-    """Raise RolloutError unless ``x`` is a tensor of ``shape`` (leading dims if ``trailing``) and ``kind``.
+    """Raise RolloutError unless ``x`` is a dense tensor of ``shape`` (leading dims if ``trailing``) and ``kind``.
 
-    ``kind`` is ``"bool"``, ``"int"``, ``"float"`` or ``"any"``.
+    ``kind`` is ``"bool"``, ``"int"``, ``"float"`` or ``"any"`` (any real dtype). Float values
+    must be finite in float32 (see ``_check_finite``).
     """
     if not isinstance(x, Tensor):
-        raise RolloutError(f"{owner}.{name} must be a torch.Tensor of shape {list(shape)}, got {_describe(x)}.")
+        raise RolloutError(f"{owner}.{name} must be a torch.Tensor of shape {list(shape)}, got {describe(x)}.")
+    problem = storage_problem(x)
+    if problem is not None:
+        raise RolloutError(f"{owner}.{name} {problem}.")
     actual = tuple(x.shape)
     ok = actual[: len(shape)] == shape if trailing else actual == shape
     if not ok:
@@ -106,61 +115,31 @@ def _check_tensor(owner: str, name: str, x: Any, *, shape: tuple, device: torch.
         raise RolloutError(f"{owner}.{name} must be an integer tensor (int64), got {x.dtype}; convert with `.long()`.")
     if kind == "float" and not x.dtype.is_floating_point:
         raise RolloutError(f"{owner}.{name} must be a floating tensor, got {x.dtype}; convert with `.float()`.")
+    if x.dtype.is_complex:
+        raise RolloutError(f"{owner}.{name} must hold real values, got {x.dtype}; pass `.real` or `.abs()`.")
     if device is not None and x.device != device:
         raise RolloutError(
             f"{owner}.{name} is on {x.device} but the rest of the rollout is on {device}; move it with `.to({str(device)!r})`."
         )
     if finite and x.dtype.is_floating_point:
-        ensure(torch.isfinite(x).all(), lambda: (
-            f"{owner}.{name} contains {int((~torch.isfinite(x)).sum())} non-finite value(s) (NaN or inf); every "
-            f"entry must be finite, padding positions included (fill them with 0)."))
+        _check_finite(f"{owner}.{name}", x)
 
 
-def _index(rows: Rows, n: int, device: torch.device) -> Tensor:
-    """The one row-selection rule of ``Rollout.select`` and ``Credit.select``, as an int64 index tensor.
+def _check_finite(where: str, x: Tensor) -> None:
+    """The one value rule of float inputs: finite in float32, where every computation runs.
 
-    Accepted: integer indices in ``[0, n)`` (a 1-D integer tensor, a list or tuple of ints, a
-    range), a bool mask of length ``n`` (a 1-D bool tensor or a list of bools), or a slice.
-    Rejected, with a ``RolloutError``: negative or out-of-range indices, floats, a mix of bools
-    and ints, other types, and an empty selection.
+    float64 values beyond float32's range (``|x| > 3.4e38``) would turn into ``inf`` there, so
+    they are rejected like NaN and inf; narrower dtypes only need ``isfinite``.
     """
-    if isinstance(rows, slice):
-        idx = torch.as_tensor(range(n)[rows], dtype=torch.long)
-    elif isinstance(rows, (list, tuple, range)):
-        items = list(rows)
-        if items and all(isinstance(v, bool) for v in items):
-            rows = torch.tensor(items, dtype=torch.bool)
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-            rows = torch.tensor(items, dtype=torch.long)
-        else:
-            bad = next(v for v in items if not isinstance(v, int) or isinstance(v, bool))
-            raise RolloutError(
-                f"select(rows): a list of rows holds either ints (row indices) or bools (a mask of length {n}), "
-                f"got {bad!r} ({type(bad).__name__}) among {items[:8]!r}."
-            )
-        idx = rows
-    elif isinstance(rows, Tensor):
-        idx = rows
+    if x.dtype.itemsize > 4:
+        ok = x.abs() <= FLOAT32_MAX  # False for NaN too
+        what = f"NaN, inf, or beyond float32's range |x| <= {FLOAT32_MAX:.4g} where rlcredit computes: rescale them"
     else:
-        raise RolloutError(
-            f"select(rows) takes row indices (an int tensor, list or range), a bool mask of length {n} or a slice; "
-            f"got {type(rows).__name__}."
-        )
-    if idx.dtype == torch.bool:
-        if tuple(idx.shape) != (n,):
-            raise RolloutError(f"select(rows): a bool mask must have shape [{n}] (one entry per row), got {list(idx.shape)}.")
-        idx = idx.to(device).nonzero().flatten()
-    elif idx.dtype.is_floating_point or idx.dtype.is_complex or idx.ndim != 1:
-        raise RolloutError(f"select(rows): expected 1-D integer row indices or a bool mask, got {_describe(idx)}.")
-    else:
-        idx = idx.to(device=device, dtype=torch.long)
-        if idx.numel():
-            ensure(((idx >= 0) & (idx < n)).all(), lambda: (
-                f"select(rows): row indices must lie in [0, {n}) (no negative indices), got min {int(idx.min())}, "
-                f"max {int(idx.max())}."))
-    if idx.numel() == 0:
-        raise RolloutError("select(rows) selected no rows (B = 0); pass at least one row.")
-    return idx
+        ok = torch.isfinite(x)
+        what = "NaN or inf"
+    ensure(ok.all(), lambda: (
+        f"{where} contains {int((~ok).sum())} non-finite value(s) ({what}); every entry must be finite, padding "
+        f"positions included (fill them with 0)."))
 
 
 @attrs.frozen(eq=False)
@@ -184,8 +163,10 @@ class Rollout:
         response_ids: ``[B, T]`` int64 or None, the sampled token ids of the responses (the
             integrations fill it), for estimators that read the text (``token_match``).
 
-    Every field is validated on construction: shapes, dtypes, one device, finite values (padding
-    included), non-negative token ids. A bad field raises ``rlcredit.RolloutError`` naming it.
+    Every field is validated on construction: shapes, dtypes, one device, dense tensors with
+    values (not sparse, not meta), values finite in float32 (padding included; float64 values
+    beyond ``3.4e38`` are refused, as the maths runs in float32), non-negative integer token ids.
+    A bad field raises ``rlcredit.RolloutError`` naming it.
 
     Examples:
         >>> import torch, rlcredit
@@ -205,7 +186,7 @@ class Rollout:
     group_ids: Tensor
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
-    signals: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    signals: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_mapping("Rollout.signals"))
     model_inputs: Mapping[str, Any] | None = attrs.field(default=None, converter=_optional_frozen_mapping)
     response_ids: Tensor | None = None
 
@@ -235,19 +216,30 @@ class Rollout:
                 raise RolloutError(f"Rollout.signals keys must be strings, got {key!r}.")
             _check_tensor("Rollout", f"signals[{key!r}]", value, shape=(B, T), device=dev, kind="any", trailing=True)
         if self.model_inputs is not None:
-            ids = self.model_inputs.get("input_ids")
-            if ids is not None:
-                if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < T:
-                    raise RolloutError(
-                        f"Rollout.model_inputs['input_ids'] must be [B, P+T] = [{B}, >= {T}] with the response "
-                        f"in the last T columns, got {_describe(ids)}."
-                    )
-                attn = self.model_inputs.get("attention_mask")
-                if attn is not None and (not isinstance(attn, Tensor) or tuple(attn.shape) != tuple(ids.shape)):
-                    raise RolloutError(
-                        f"Rollout.model_inputs['attention_mask'] must match input_ids {list(ids.shape)}, "
-                        f"got {_describe(attn)}."
-                    )
+            self._check_model_inputs(B, T)
+
+    def _check_model_inputs(self, B: int, T: int) -> None:
+        """Keys are strings; ``input_ids`` (when given) is a dense ``[B, P+T]`` integer tensor of token ids >= 0."""
+        for key in self.model_inputs:
+            if not isinstance(key, str):
+                raise RolloutError(f"Rollout.model_inputs keys must be the model's argument names (strings), got {key!r}.")
+        ids = self.model_inputs.get("input_ids")
+        if ids is None:
+            return
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != B or ids.shape[1] < T:
+            raise RolloutError(
+                f"Rollout.model_inputs['input_ids'] must be [B, P+T] = [{B}, >= {T}] with the response "
+                f"in the last T columns, got {describe(ids)}."
+            )
+        _check_tensor("Rollout", "model_inputs['input_ids']", ids, shape=tuple(ids.shape), device=None, kind="int")
+        ensure((ids >= 0).all(), lambda: "Rollout.model_inputs['input_ids'] holds negative token ids; token ids are "
+                                         ">= 0 (fill padding with the pad token id, and mark it in attention_mask).")
+        attn = self.model_inputs.get("attention_mask")
+        if attn is not None and (not isinstance(attn, Tensor) or tuple(attn.shape) != tuple(ids.shape)):
+            raise RolloutError(
+                f"Rollout.model_inputs['attention_mask'] must match input_ids {list(ids.shape)}, "
+                f"got {describe(attn)}."
+            )
 
     @property
     def batch_size(self) -> int:
@@ -295,8 +287,10 @@ class Rollout:
         """The rollout restricted to ``rows`` (for mini/micro-batches of the loss).
 
         ``rows`` follows one rule (``Credit.select`` too): integer indices in ``[0, B)`` (a
-        tensor, list or range), a bool mask of length ``B`` (a tensor or list), or a slice; an
-        empty selection, a negative or out-of-range index, or floats raise ``RolloutError``.
+        tensor, NumPy array, list or range; repeats allowed), a bool mask of length ``B`` (a
+        tensor, NumPy array or list: ``[True, False, True]`` picks rows 0 and 2), or a slice; an
+        empty selection, a negative or out-of-range index, floats, or a bare int raise
+        ``RolloutError``.
         ``model_inputs`` are dropped (set to None): their layout is architecture-specific (Qwen's
         flattened image patches have no row axis) and the loss never needs them. Run
         ``Strategy.assign`` on the full rollout, then ``select`` for the loss.
@@ -308,7 +302,7 @@ class Rollout:
             >>> r.select([2, 0]).rewards, r.select([True, False, True]).rewards
             (tensor([2., 1.]), tensor([1., 2.]))
         """
-        idx = _index(rows, self.batch_size, self.device)
+        idx = row_index(rows, self.batch_size, self.device)
 
         def take(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.index_select(0, idx)
@@ -336,7 +330,7 @@ class EstimatorOutput:
     """
 
     score: Tensor
-    extras: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    extras: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_mapping("EstimatorOutput.extras"))
 
 
 @attrs.frozen(eq=False)
@@ -356,10 +350,10 @@ class Credit:
         tensor([1.])
     """
 
-    scores: Mapping[str, Tensor] = attrs.field(converter=_frozen_mapping)
+    scores: Mapping[str, Tensor] = attrs.field(converter=_mapping("Credit.scores"))
     token_weights: Tensor
     advantages: Tensor
-    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_mapping("Credit.metrics"))
 
     def __attrs_post_init__(self) -> None:
         w = self.token_weights
@@ -374,12 +368,10 @@ class Credit:
                 raise RolloutError(f"Credit.scores keys must be score names (strings), got {key!r}.")
             _check_tensor("Credit", f"scores[{key!r}]", value, shape=(B, T), device=w.device, kind="any", trailing=True)
         _check_tensor("Credit", "token_weights", w, shape=(B, T), device=w.device, kind="float")
-        ensure((w >= 0).all(), lambda: (
-            f"Credit.token_weights holds {int((w < 0).sum())} negative value(s); token weights are >= 0 (they fold "
-            f"into the loss as w * l, exact only for w >= 0). Clamp them, or put signs in the advantages."))
+        check_weights("Credit.token_weights", w)
         adv = self.advantages
         if not isinstance(adv, Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
-            raise RolloutError(f"Credit.advantages must be [B] = [{B}] or [B, T] = [{B}, {T}], got {_describe(adv)}.")
+            raise RolloutError(f"Credit.advantages must be [B] = [{B}] or [B, T] = [{B}, {T}], got {describe(adv)}.")
         _check_tensor("Credit", "advantages", adv, shape=tuple(adv.shape), device=w.device, kind="float")
 
     def select(self, rows: Rows) -> Credit:
@@ -391,7 +383,7 @@ class Credit:
             >>> c.select(torch.tensor([2, 0])).advantages
             tensor([0.5000, 1.0000])
         """
-        idx = _index(rows, self.token_weights.shape[0], self.token_weights.device)
+        idx = row_index(rows, self.token_weights.shape[0], self.token_weights.device)
         return Credit(scores={k: v.index_select(0, idx) for k, v in self.scores.items()},
                       token_weights=self.token_weights.index_select(0, idx),
                       advantages=self.advantages.index_select(0, idx), metrics=self.metrics)
@@ -417,7 +409,7 @@ class Credit:
             return folded
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(folded.shape):
             raise RolloutError(f"Credit.token_advantages(mask): mask must be a [B, T] = {list(folded.shape)} bool "
-                               f"tensor, got {_describe(mask)}.")
+                               f"tensor, got {describe(mask)}.")
         return torch.where(mask, folded, torch.zeros((), device=folded.device))
 
 
@@ -436,8 +428,8 @@ class LossOutput:
     """
 
     loss: Tensor
-    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    metrics: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_mapping("LossOutput.metrics"))
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.loss, Tensor) or self.loss.ndim != 0:
-            raise RolloutError(f"LossOutput.loss must be a scalar tensor, got {_describe(self.loss)}.")
+            raise RolloutError(f"LossOutput.loss must be a scalar tensor, got {describe(self.loss)}.")

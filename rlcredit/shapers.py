@@ -17,10 +17,11 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import Reducer
+from rlcredit.functional._finite import length_scale
 from rlcredit.registry import register
 from rlcredit.requirements import Requirement, Score
 from rlcredit.rollout import Rollout
-from rlcredit.validators import in_range, is_bool, optional_str
+from rlcredit.validators import in_range, is_bool, optional_str, to_number
 
 __all__ = ["AdvantageShaper", "GroupNormalize", "GroupCenter", "LeaveOneOut", "DependencyScale", "BatchNormalize"]
 
@@ -88,7 +89,7 @@ class GroupNormalize:
         tensor([ 0.7071, -0.7071,  0.0000])
     """
 
-    eps: float = attrs.field(default=1e-6, validator=in_range(0.0))
+    eps: float = attrs.field(default=1e-6, converter=to_number, validator=in_range(0.0))
     unbiased: bool = attrs.field(default=True, validator=is_bool)
 
     requires = ()
@@ -213,11 +214,12 @@ class DependencyScale:
     """
 
     score: str | None = attrs.field(default=None, validator=optional_str)
-    beta_min: float = attrs.field(default=0.9, validator=in_range(0.0))
-    beta_max: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(0.0)))
-    scope: str | int = attrs.field(default="batch", validator=_shaping_scope)
-    mean_scope: str | int | None = attrs.field(default=None, validator=_shaping_scope)
-    mean_eps: float | None = attrs.field(default=None,
+    beta_min: float = attrs.field(default=0.9, converter=to_number, validator=in_range(0.0))
+    beta_max: float | None = attrs.field(default=None, converter=to_number,
+        validator=attrs.validators.optional(in_range(0.0)))
+    scope: str | int = attrs.field(default="batch", converter=to_number, validator=_shaping_scope)
+    mean_scope: str | int | None = attrs.field(default=None, converter=to_number, validator=_shaping_scope)
+    mean_eps: float | None = attrs.field(default=None, converter=to_number,
                                          validator=attrs.validators.optional(in_range(0.0, lo_open=True)))
 
     def __attrs_post_init__(self) -> None:
@@ -252,7 +254,9 @@ class DependencyScale:
         # Scores are 0 on padding (every estimator's contract; Strategy zeroes a third-party
         # estimator's padding), so the row sum is the sum over valid tokens: one read of [B, T].
         n = rollout.token_counts
-        mean = s.sum(-1) / n.clamp_min(1)
+        # Pre-divided by a power of two >= T (exact): row sums of huge scores cannot overflow.
+        P = length_scale(s.shape[-1])
+        mean = (s / P).sum(-1) / n.clamp_min(1) * P
         alpha = F.dependency_scale(
             mean, n > 0,
             beta_min=self.beta_min, beta_max=self.beta_max, scope=self.scope, mean_scope=self.mean_scope,
@@ -311,7 +315,7 @@ class GTPO:
         tensor([[1.5000, 2.5000, 0.0000]])
     """
 
-    beta: float = attrs.field(default=0.1, validator=in_range(0.0, 1.0))
+    beta: float = attrs.field(default=0.1, converter=to_number, validator=in_range(0.0, 1.0))
     score: str | None = attrs.field(default="entropy", validator=optional_str)
 
     @property
@@ -360,8 +364,8 @@ class EntropyAdvantage:
                 [-0.8000, -0.5000]])
     """
 
-    alpha: float = attrs.field(default=0.4, validator=in_range(0.0))
-    kappa: float = attrs.field(default=2.0, validator=in_range(1.0))
+    alpha: float = attrs.field(default=0.4, converter=to_number, validator=in_range(0.0))
+    kappa: float = attrs.field(default=2.0, converter=to_number, validator=in_range(1.0))
     score: str | None = attrs.field(default="entropy", validator=optional_str)
 
     @property
@@ -409,7 +413,7 @@ class BatchNormalize:
     """
 
     center: bool = attrs.field(default=True, validator=is_bool)
-    eps: float = attrs.field(default=1e-6, validator=in_range(0.0))
+    eps: float = attrs.field(default=1e-6, converter=to_number, validator=in_range(0.0))
     unbiased: bool = attrs.field(default=True, validator=is_bool)
 
     requires = ()

@@ -14,6 +14,9 @@ from rlcredit._outputs import per_token
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.estimators import DependencyEstimator
 from rlcredit.functional import Reducer, Totals
+from rlcredit.functional._finite import finite_sum
+from rlcredit.functional._loss import float32_logprobs
+from rlcredit.functional._reduce import check_reducer
 from rlcredit.losses import ClippedSurrogate, check_credit, check_logprobs
 from rlcredit.losses._common import aux_names, check_aux
 from rlcredit.registry import build_component, component_spec
@@ -194,6 +197,12 @@ class Strategy:
             raise RolloutError(
                 f"Strategy.assign: policy is a raw {type(policy).__name__}; wrap it: policy=rlcredit.HFPolicy(model)."
             )
+        if policy is not None and not hasattr(policy, "response_stats"):
+            raise RolloutError(
+                f"Strategy.assign: policy must be a rlcredit.HFPolicy (or None when the rollout carries every signal), "
+                f"got {type(policy).__name__}."
+            )
+        check_reducer(reducer, "Strategy.assign: reducer")
         components = self._components()
         self._check_requirements(rollout, policy, components)
         mask = rollout.response_mask
@@ -239,21 +248,26 @@ class Strategy:
         def n_valid() -> Tensor:
             return mask.sum().clamp_min(1).float()
 
+        # finite_sum: the sums of values near float32's range (rewards of 1e38) must not overflow.
         thunks = {
             "kept_fraction": lambda: (weights > 0).sum() / n_valid(),
-            "weight_mean": lambda: weights.sum() / n_valid(),
-            "advantage_abs_mean": lambda: advantages.abs().mean(),
+            "weight_mean": lambda: finite_sum(weights, n_valid()),
+            "advantage_abs_mean": lambda: finite_sum(advantages.abs(), max(advantages.numel(), 1)),
         }
         for name in primary_scores(scores):
-            thunks[f"score/{name}"] = lambda s=scores[name]: s.sum() / n_valid()
+            thunks[f"score/{name}"] = lambda s=scores[name]: finite_sum(s, n_valid())
         return LazyMetrics(thunks)
 
     def loss(self, logprobs: Tensor, rollout: Rollout, credit: Credit, *, reducer: Reducer | None = None,
              totals: Totals | None = None, aux: Mapping[str, Tensor] | None = None) -> LossOutput:
         """The differentiable policy loss of a (micro-)batch.
 
+        The loss computes in float32 whatever the log-probs' dtype and its gradient comes back in
+        their dtype, saturated at its largest finite value (65504 for float16) rather than inf.
+
         Args:
-            logprobs: ``[B, T]`` log-probs of the response tokens under the current policy (with grad).
+            logprobs: ``[B, T]`` log-probs of the response tokens under the current policy (with grad;
+                float32, bfloat16, float16 or float64).
             rollout: the rollout, or ``rollout.select(rows)`` for a micro-batch.
             credit: the credit from ``assign``, or ``credit.select(rows)`` (same rows).
             reducer: for denominators across ranks.
@@ -282,12 +296,22 @@ class Strategy:
             raise RolloutError(f"Strategy.loss takes a rlcredit.{want}, got {type(bad).__name__}.")
         check_logprobs(logprobs, rollout, "Strategy.loss")
         check_credit(rollout, credit, "Strategy.loss")
+        check_reducer(reducer, "Strategy.loss: reducer")
+        if totals is not None and not isinstance(totals, Totals):
+            raise RolloutError(f"Strategy.loss: totals must be a rlcredit.functional.Totals (from "
+                               f"strategy.policy_loss.totals(rollout, credit)) or None, got {type(totals).__name__}.")
         self._check_requirements(rollout, POLICY, self._components()[-1:])
         extra: dict[str, Any] = {} if totals is None else {"totals": totals}
         names = aux_names(self.policy_loss)
         if names or aux:
-            extra["aux"] = check_aux(aux, names, logprobs, "Strategy.loss")
-        return self.policy_loss(logprobs, rollout, credit, reducer=reducer, **extra)
+            # Auxiliary log-probs take the same float32 path as the log-probs (gradients fit their dtype).
+            extra["aux"] = {k: float32_logprobs(v) for k, v in check_aux(aux, names, logprobs, "Strategy.loss").items()}
+        # Every loss computes in float32; the gradient it returns fits the log-probs' dtype.
+        out = self.policy_loss(float32_logprobs(logprobs), rollout, credit, reducer=reducer, **extra)
+        if not isinstance(out, LossOutput):
+            raise RolloutError(f"policy_loss {type(self.policy_loss).__name__} must return a rlcredit.LossOutput(loss, "
+                               f"metrics), got {type(out).__name__}.")
+        return out
 
     # ------------------------------------------------------------------------------------------
 
@@ -301,4 +325,8 @@ class Strategy:
         }
 
     def __repr__(self) -> str:
-        return f"rlcredit.build({self.to_spec()!r})"
+        try:
+            return f"rlcredit.build({self.to_spec()!r})"
+        except SpecError:  # a part that cannot be written as a spec: show the objects instead
+            parts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in attrs.fields(type(self)))
+            return f"Strategy({parts})"

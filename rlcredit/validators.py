@@ -3,7 +3,15 @@
 A component's hyper-parameters are attrs fields validated at construction, from Python and from
 specs alike, so a bad value fails where it is written, with a ``rlcredit.SpecError`` naming the
 class, the field, what was expected and what was given. Each rule lives once: the real-number rule
-is the one the functional kernels apply (``rlcredit.functional._checks.real_problem``).
+is the one the functional kernels apply (``rlcredit.functional._checks.real_problem``: finite,
+within float32's range, in the interval), the integer rule ``int_problem``.
+
+NumPy scalars (``np.float32(0.5)``, ``np.int64(3)``) are accepted like Python numbers: the
+``to_number`` converter stores them as the equal Python ``float`` or ``int``, so that a component
+compares, prints and writes its spec (``to_spec()``, JSON/YAML) exactly as if it had been given
+the Python number. Give every numeric field both::
+
+    clip_low: float = attrs.field(default=0.2, converter=to_number, validator=in_range(0.0, 1.0, hi_open=True))
 
 Examples:
     >>> import attrs, rlcredit
@@ -25,26 +33,51 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rlcredit.errors import SpecError
-from rlcredit.functional._checks import real_problem
+from rlcredit.functional._checks import TOKEN_WEIGHT_MAX, int_problem, real_problem
 from rlcredit.registry import build_component
 
-__all__ = ["in_range", "one_of", "int_at_least", "is_bool", "non_empty_str", "optional_str", "to_component",
-           "to_components"]
+__all__ = ["in_range", "one_of", "int_at_least", "is_bool", "non_empty_str", "optional_str", "token_weight",
+           "to_number", "to_component", "to_components"]
 
 
 def _where(instance: Any, attribute: Any) -> str:
     return f"{type(instance).__name__}.{attribute.name}"
 
 
+def to_number(value: Any) -> Any:
+    """attrs converter: a NumPy (or other ``numbers``) scalar as the equal Python ``int`` or ``float``.
+
+    Anything else (a Python number, None, a bool, a string...) is returned unchanged, for the
+    field's validator to accept or reject. Pair it with ``in_range`` or ``int_at_least``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from rlcredit.validators import to_number
+        >>> to_number(np.float32(0.5)), to_number(np.int64(3)), to_number(None), to_number("x")
+        (0.5, 3, None, 'x')
+    """
+    import numbers
+
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
     """attrs validator: a finite real number (not a bool; NumPy scalars accepted) in the interval.
 
+    The number must also lie within float32's range (``|x| <= 3.4e38``), where the maths runs.
+
     Examples:
         >>> import attrs
-        >>> from rlcredit.validators import in_range
+        >>> from rlcredit.validators import in_range, to_number
         >>> @attrs.frozen
         ... class Clip:
-        ...     eps: float = attrs.field(default=0.2, validator=in_range(0.0, 1.0, hi_open=True))
+        ...     eps: float = attrs.field(default=0.2, converter=to_number, validator=in_range(0.0, 1.0, hi_open=True))
         >>> Clip(0.3).eps
         0.3
     """
@@ -55,6 +88,23 @@ def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool 
             raise SpecError(f"{_where(instance, attribute)} {problem}.")
 
     return validate
+
+
+def token_weight(instance: Any, attribute: Any, value: Any) -> None:
+    """attrs validator: a token weight a weighter hands out, a finite number in ``[0, 1e20]``.
+
+    The range ``rlcredit.Credit`` accepts for token weights: checked where the weight is written.
+
+    Examples:
+        >>> import attrs
+        >>> from rlcredit.validators import to_number, token_weight
+        >>> @attrs.frozen
+        ... class Boost:
+        ...     w: float = attrs.field(default=2.0, converter=to_number, validator=token_weight)
+        >>> Boost().w
+        2.0
+    """
+    in_range(0.0, TOKEN_WEIGHT_MAX)(instance, attribute, value)
 
 
 def one_of(*choices: Any):
@@ -82,23 +132,22 @@ def one_of(*choices: Any):
 
 
 def int_at_least(lo: int):
-    """attrs validator: an int (not a bool) ``>= lo``.
+    """attrs validator: an int (not a bool; NumPy integers accepted) ``>= lo`` and at most ``2**63 - 1``.
 
     Examples:
         >>> import attrs
-        >>> from rlcredit.validators import int_at_least
+        >>> from rlcredit.validators import int_at_least, to_number
         >>> @attrs.frozen
         ... class Chunks:
-        ...     size: int = attrs.field(default=8, validator=int_at_least(1))
+        ...     size: int = attrs.field(default=8, converter=to_number, validator=int_at_least(1))
         >>> Chunks(3).size
         3
     """
 
     def validate(instance: Any, attribute: Any, value: Any) -> None:
-        import numbers
-
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
-            raise SpecError(f"{_where(instance, attribute)} must be an int >= {lo}, got {value!r}.")
+        problem = int_problem(value, low=lo)
+        if problem is not None:
+            raise SpecError(f"{_where(instance, attribute)} {problem}.")
 
     return validate
 

@@ -25,11 +25,12 @@ from rlcredit._outputs import per_token
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import Reducer
 from rlcredit.functional._select import COUNTS
+from rlcredit.functional._finite import pow2_scale
 from rlcredit.functional._stapo import spurious_token_mask
 from rlcredit.registry import register
 from rlcredit.requirements import Field, Requirement, Score, requirements_of
 from rlcredit.rollout import Rollout
-from rlcredit.validators import in_range, is_bool, one_of, optional_str, to_component, to_components
+from rlcredit.validators import in_range, is_bool, one_of, optional_str, to_component, to_components, to_number
 
 __all__ = ["TokenWeighter", "Uniform", "TopFraction", "Threshold", "SoftWeight", "Intersect", "Union",
            "Complement", "Stapo"]
@@ -182,7 +183,7 @@ class TopFraction:
         tensor([[0., 1., 1., 0.]])
     """
 
-    fraction: float = attrs.field(validator=in_range(0.0, 1.0, lo_open=True))
+    fraction: float = attrs.field(converter=to_number, validator=in_range(0.0, 1.0, lo_open=True))
     scope: str = attrs.field(default="sequence", validator=one_of(*F.SCOPES))
     score: str | None = attrs.field(default=None, validator=optional_str)
     count: str = attrs.field(default="exact", validator=one_of(*COUNTS))
@@ -228,7 +229,7 @@ class Threshold:
         tensor([[1., 0., 0.]])
     """
 
-    value: float = attrs.field(validator=in_range())
+    value: float = attrs.field(converter=to_number, validator=in_range())
     score: str | None = attrs.field(default=None, validator=optional_str)
 
     @property
@@ -278,7 +279,7 @@ class SoftWeight:
         tensor([[1.4621, 0.5379, 0.0000]])
     """
 
-    temperature: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
+    temperature: float = attrs.field(default=1.0, converter=to_number, validator=in_range(0.0, lo_open=True))
     normalize: bool = attrs.field(default=False, validator=is_bool)
     score: str | None = attrs.field(default=None, validator=optional_str)
 
@@ -290,11 +291,15 @@ class SoftWeight:
         mask = rollout.response_mask
         zero = torch.zeros((), device=mask.device)
         s = torch.where(mask, Score(self.score).read(scores, "weighter soft").float(), zero)
+        # Each row divided by a power of two near its largest |score| (exact, so z is unchanged to
+        # the last bit): neither the row sum nor the squares can overflow for scores up to 3.4e38.
+        scale = pow2_scale(s.abs().amax(-1, keepdim=True)) if s.numel() else torch.ones_like(s[:, :1])
+        s = s / scale
         n = mask.sum(-1, keepdim=True).clamp_min(1).float()
         mean = s.sum(-1, keepdim=True) / n
         dev = torch.where(mask, s - mean, zero)
         std = (dev.square().sum(-1, keepdim=True) / n).sqrt()
-        w = torch.where(mask, torch.sigmoid(dev / (std + 1e-6) / self.temperature), zero)
+        w = torch.where(mask, torch.sigmoid(dev / (std + 1e-6 / scale) / self.temperature), zero)
         if self.normalize:
             total = w.sum(-1, keepdim=True)
             # sigmoid > 0, so a response with a valid token has total > 0; the guard is for T_i = 0.
@@ -456,8 +461,8 @@ class Stapo:
                 [1., 1., 1.]])
     """
 
-    prob_threshold: float = attrs.field(default=0.002, validator=in_range(0.0, 1.0, lo_open=True))
-    entropy_quantile: float = attrs.field(default=0.75, validator=in_range(0.0, 1.0))
+    prob_threshold: float = attrs.field(default=0.002, converter=to_number, validator=in_range(0.0, 1.0, lo_open=True))
+    entropy_quantile: float = attrs.field(default=0.75, converter=to_number, validator=in_range(0.0, 1.0))
     score: str | None = attrs.field(default=None, validator=optional_str)
 
     @property

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from rlcredit.requirements import Requirement, Score
-from rlcredit.validators import in_range, int_at_least, is_bool, one_of, optional_str
+from rlcredit.validators import in_range, int_at_least, is_bool, one_of, optional_str, to_number, token_weight
 from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.registry import register
@@ -323,8 +323,8 @@ class AnchorClusters:
     Args:
         anchor_share: largest share of valid tokens covered by anchors, in ``(0, 1]``.
         cluster_size: target tokens per METIS part (int >= 1).
-        w_anchor: weight of anchor tokens (>= 0).
-        w_other: weight of the other valid tokens (>= 0).
+        w_anchor: weight of anchor tokens (in ``[0, 1e20]``, the range of token weights).
+        w_other: weight of the other valid tokens (in ``[0, 1e20]``).
         mode: ``"weights"``, ``"anchors_only"`` or ``"non_anchors_only"``.
         score: the connectivity score's name (None: the strategy's single score).
         rescale: rescale the weights to mean one over each response's valid tokens.
@@ -343,15 +343,15 @@ class AnchorClusters:
         tensor([[1.0000, 1.0000, 1.5000, 1.5000, 1.0000, 1.0000, 1.0000, 1.0000]])
     """
 
-    anchor_share: float = attrs.field(default=0.15, validator=in_range(0.0, 1.0, lo_open=True))
-    cluster_size: int = attrs.field(default=8, validator=int_at_least(1))
-    w_anchor: float = attrs.field(default=1.5, validator=in_range(0.0))
-    w_other: float = attrs.field(default=1.0, validator=in_range(0.0))
+    anchor_share: float = attrs.field(default=0.15, converter=to_number, validator=in_range(0.0, 1.0, lo_open=True))
+    cluster_size: int = attrs.field(default=8, converter=to_number, validator=int_at_least(1))
+    w_anchor: float = attrs.field(default=1.5, converter=to_number, validator=token_weight)
+    w_other: float = attrs.field(default=1.0, converter=to_number, validator=token_weight)
     mode: str = attrs.field(default="weights", validator=one_of("weights", "anchors_only", "non_anchors_only"))
     score: str | None = attrs.field(default=None, validator=optional_str)
     rescale: bool = attrs.field(default=False, validator=is_bool)
-    knn: int = attrs.field(default=10, validator=int_at_least(0))
-    seed: int = attrs.field(default=0, validator=int_at_least(0))
+    knn: int = attrs.field(default=10, converter=to_number, validator=int_at_least(0))
+    seed: int = attrs.field(default=0, converter=to_number, validator=int_at_least(0))
 
     def __attrs_post_init__(self) -> None:
         if self.mode != "weights":

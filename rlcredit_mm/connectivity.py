@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from rlcredit.requirements import POLICY, Field
-from rlcredit.validators import in_range, int_at_least, is_bool, one_of
+from rlcredit.validators import in_range, int_at_least, is_bool, one_of, to_number
 from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.rollout import EstimatorOutput, Rollout
@@ -453,11 +453,11 @@ class AttentionConnectivity:
     debias_sinks: bool = attrs.field(default=True, validator=is_bool)
     measure: str = attrs.field(default="mass", validator=one_of("mass", "density"))
     align: str = attrs.field(default="predicting", validator=one_of("predicting", "self"))
-    profile_bins: int = attrs.field(default=16, validator=int_at_least(1))
-    sink_quantile: float = attrs.field(default=0.99, validator=in_range(0.0, 1.0))
-    sink_first_keys: int = attrs.field(default=1, validator=int_at_least(0))
-    auto_layers: int = attrs.field(default=4, validator=int_at_least(1))
-    query_chunk: int = attrs.field(default=64, validator=int_at_least(1))
+    profile_bins: int = attrs.field(default=16, converter=to_number, validator=int_at_least(1))
+    sink_quantile: float = attrs.field(default=0.99, converter=to_number, validator=in_range(0.0, 1.0))
+    sink_first_keys: int = attrs.field(default=1, converter=to_number, validator=int_at_least(0))
+    auto_layers: int = attrs.field(default=4, converter=to_number, validator=int_at_least(1))
+    query_chunk: int = attrs.field(default=64, converter=to_number, validator=int_at_least(1))
 
     requires = (POLICY, Field("model_inputs"))
     extras = ("profile",)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlcredit.validators import in_range
+from rlcredit.validators import in_range, to_number
 from rlcredit.errors import SpecError
 from rlcredit.registry import register
 from rlcredit_mm.adapters import adapter_for, config_of
@@ -276,9 +276,9 @@ class PatchBlackout(_PixelPerturbation):
         [0.0]
     """
 
-    p: float = attrs.field(default=0.5, validator=in_range(0.0, 1.0))
-    patch_size: int | None = attrs.field(default=None, validator=_int_field(1, optional=True))
-    seed: int = attrs.field(default=0, validator=_int_field())
+    p: float = attrs.field(default=0.5, converter=to_number, validator=in_range(0.0, 1.0))
+    patch_size: int | None = attrs.field(default=None, converter=to_number, validator=_int_field(1, optional=True))
+    seed: int = attrs.field(default=0, converter=to_number, validator=_int_field())
 
     def perturb_images(self, images: Tensor, keys: Tensor, *, black: Tensor, patch_size: int) -> Tensor:
         N, C, H, W = images.shape
@@ -309,8 +309,8 @@ class GaussianNoise(_PixelPerturbation):
         (0.5, True)
     """
 
-    std: float = attrs.field(default=0.5, validator=in_range(0.0))
-    seed: int = attrs.field(default=0, validator=_int_field())
+    std: float = attrs.field(default=0.5, converter=to_number, validator=in_range(0.0))
+    seed: int = attrs.field(default=0, converter=to_number, validator=_int_field())
 
     def perturb_images(self, images: Tensor, keys: Tensor, *, black: Tensor, patch_size: int) -> Tensor:
         noise = normal(keys, images[0].numel()).view(images.shape)
@@ -334,7 +334,7 @@ class Constant(_PixelPerturbation):
         tensor([-1., -2.])
     """
 
-    value: float | None = attrs.field(default=None, validator=_optional_float)
+    value: float | None = attrs.field(default=None, converter=to_number, validator=_optional_float)
 
     def perturb_images(self, images: Tensor, keys: Tensor, *, black: Tensor, patch_size: int) -> Tensor:
         fill = black.view(1, -1, 1, 1).to(images) if self.value is None else torch.tensor(float(self.value)).to(images)
@@ -359,8 +359,8 @@ class Blur(_PixelPerturbation):
         (1.0, True)
     """
 
-    sigma: float = attrs.field(default=2.0, validator=in_range(0.0, lo_open=True))
-    kernel_size: int | None = attrs.field(default=None, validator=_int_field(1, optional=True))
+    sigma: float = attrs.field(default=2.0, converter=to_number, validator=in_range(0.0, lo_open=True))
+    kernel_size: int | None = attrs.field(default=None, converter=to_number, validator=_int_field(1, optional=True))
 
     def __attrs_post_init__(self) -> None:
         if self.kernel_size is not None and self.kernel_size % 2 == 0:

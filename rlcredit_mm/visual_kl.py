@@ -14,7 +14,7 @@ from torch import Tensor
 
 from rlcredit import functional as F
 from rlcredit.requirements import POLICY, AllOf, AnyOf, Field, Requirement, Signal
-from rlcredit.validators import in_range, one_of, to_component
+from rlcredit.validators import in_range, one_of, to_component, to_number
 from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.rollout import Rollout
@@ -108,7 +108,7 @@ class VisualKL:
 
     estimate: str = attrs.field(default="k3", validator=one_of(*ESTIMATES))
     perturbation: Any = attrs.field(factory=PatchBlackout, converter=to_component("perturbation"))
-    temperature: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
+    temperature: float = attrs.field(default=1.0, converter=to_number, validator=in_range(0.0, lo_open=True))
     k3_form: str = attrs.field(default="expm1", validator=one_of(*K3_FORMS))
     stage: str = attrs.field(default="pixels", validator=one_of(*STAGES))
 

@@ -206,3 +206,16 @@ def test_dependency_scale_score_must_be_produced():
     with pytest.raises(SpecError, match="shaper DependencyScale reads score 'visual', which no estimator produces"):
         rlcredit.build({"estimators": {"entropy": "entropy"},
                         "shapers": ["group_normalize", {"name": "dependency_scale", "score": "visual"}]})
+
+
+def test_batch_normalize_is_overflow_safe_and_exact_in_range():
+    from rlcredit.functional import batch_normalize
+
+    r = torch.tensor([1e30, -1e30, 3e29, 0.0])
+    expect = (r.double() - r.double().mean()) / r.double().std()
+    torch.testing.assert_close(batch_normalize(r, eps=0.0), expect.float(), rtol=1e-6, atol=0)
+    huge = torch.tensor([3e38, -3e38])  # std (4.2e38) exceeds float32, r / std does not
+    torch.testing.assert_close(batch_normalize(huge, center=False), torch.tensor([0.7071, -0.7071]), atol=1e-4, rtol=0)
+    small = torch.tensor([1.0, 0.0, 0.5, 0.25])  # a power-of-two scale changes no bit
+    std = small.std()
+    assert torch.equal(batch_normalize(small), (small - small.mean()) / (std + 1e-6))

@@ -15,14 +15,19 @@ import torch
 
 from rlcredit.errors import RLCreditError
 from rlcredit.functional._checks import (
+    FLOAT32_MAX,
     check_bool,
     check_choice,
     check_device,
     check_float,
     check_positive_int,
+    check_real,
     check_same_shape,
     check_shape,
+    check_weights,
+    ensure,
 )
+from rlcredit.functional._finite import finite_loss, length_scale, pow2_scale
 from rlcredit.functional._reduce import Reducer, all_max, all_sum, world_size
 
 __all__ = ["AGGREGATIONS", "Totals", "aggregate", "batch_totals", "loss_coefficients", "masked_mean"]
@@ -168,6 +173,12 @@ def loss_coefficients(
     Returns:
         ``[B, T]`` float32 coefficients, 0 on padding.
 
+    ``weights`` are taken as checked (``0 <= w <= 1e20`` on valid tokens: a ``Credit``'s, or
+    ``aggregate``'s after its check): this is the losses' hot path.
+
+    Raises:
+        RLCreditError: ``totals`` that are not a ``Totals`` of finite, non-negative statistics.
+
     Examples:
         >>> import torch
         >>> from rlcredit.functional import aggregate, loss_coefficients
@@ -187,10 +198,36 @@ def loss_coefficients(
         check_float(fn, "weights", weights)
     check_device(fn, [("mask", mask), ("weights", weights)])
     _check_mode(fn, mode, renormalize, max_length)
+    if totals is not None:
+        _check_totals(fn, totals)
     # A select, not a product: weights on padding may be anything, NaN included.
     w = mask.float() if weights is None else torch.where(mask, weights.float(), torch.zeros((), device=mask.device))
     return w * coefficient_scale(mask, w, mode=mode, renormalize=renormalize, max_length=max_length,
                                  reducer=reducer, totals=totals)
+
+
+def _check_totals(fn: str, totals: object) -> None:
+    """``Totals`` whose statistics are finite and >= 0 (numbers or tensors) and whose ``world`` is an int >= 1."""
+    if not isinstance(totals, Totals):
+        raise RLCreditError(
+            f"{fn}: `totals` must be a rlcredit.functional.Totals (e.g. from batch_totals or a loss's "
+            f".totals(rollout, credit)), got {type(totals).__name__}."
+        )
+    check_positive_int(fn, "totals.world", totals.world)
+    for name in ("tokens", "weight", "rows", "length"):
+        value = getattr(totals, name)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+                raise RLCreditError(f"{fn}: `totals.{name}` must be a real scalar, got a {value.dtype} tensor of "
+                                    f"shape {list(value.shape)}.")
+            v = value.detach().float()
+            ensure(((v >= 0) & (v <= FLOAT32_MAX)).all(), lambda: (
+                f"{fn}: `totals.{name}` must be finite and >= 0 (a count or a sum of weights), got {v.item()}."),
+                RLCreditError)
+        else:
+            check_real(fn, f"totals.{name}", value, low=0.0)
 
 
 def coefficient_scale(
@@ -273,7 +310,8 @@ def aggregate(
     Args:
         per_token: ``[B, T]`` per-token losses (any float dtype; maths in float32).
         mask: ``[B, T]`` bool, True on valid tokens.
-        weights: optional ``[B, T]`` token weights ``>= 0`` (None: all 1).
+        weights: optional ``[B, T]`` token weights in ``[0, 1e20]`` on valid tokens (None: all 1;
+            padding values are ignored).
         mode: one of ``AGGREGATIONS``.
         renormalize: divide by ``sum w`` instead of the valid-token count.
         max_length: ``L_max`` of ``seq_mean_token_sum_norm`` (an int >= 1; None: padded ``T``).
@@ -281,7 +319,12 @@ def aggregate(
         totals: the batch statistics to divide by (None: those of these rows, with the reducer).
 
     Returns:
-        A float32 scalar tensor (0-d), differentiable w.r.t. ``per_token``.
+        A float32 scalar tensor (0-d), differentiable w.r.t. ``per_token``; finite for finite
+        inputs (a sum beyond float32's range saturates at +-3.4e38, its gradient unchanged).
+
+    Raises:
+        RLCreditError: a negative, NaN or larger-than-1e20 weight on a valid token (a weight
+            folds into a clipped loss exactly only when ``>= 0``).
 
     Examples:
         >>> import torch
@@ -305,12 +348,20 @@ def aggregate(
     check_float(fn, "per_token", per_token)
     mask = check_same_shape(fn, "mask", mask, "per_token", per_token)
     check_device(fn, [("per_token", per_token), ("mask", mask)])
+    zero = torch.zeros((), device=per_token.device)
+    if isinstance(weights, torch.Tensor) and weights.shape == mask.shape and weights.is_floating_point():
+        # w * l folds a weight in exactly only for w >= 0: a negative (or NaN) weight would
+        # silently flip a clipped loss's pessimism. Padding weights are ignored.
+        check_weights(f"{fn}: `weights` on valid tokens", torch.where(mask, weights.float(), zero), RLCreditError)
     coef = loss_coefficients(mask, weights, mode=mode, renormalize=renormalize, max_length=max_length,
                              reducer=reducer, totals=totals)
     # where(), not a product with the mask: 0 * inf and 0 * nan on padding would poison the sum
-    # and, through the product's backward, the gradient of every padding position.
-    zero = torch.zeros((), device=per_token.device)
-    return (torch.where(mask, per_token.float(), zero) * coef).sum()
+    # and, through the product's backward, the gradient of every padding position. The values are
+    # divided by a power of two near their largest (exact, detached: the gradient is unchanged), so
+    # per-token losses anywhere in float32's range cannot overflow the sum on the way.
+    x = torch.where(mask, per_token.float(), zero)
+    scale = pow2_scale(torch.linalg.vector_norm(x.detach(), float("inf"))) if x.numel() else torch.ones((), device=x.device)
+    return finite_loss(((x / scale) * coef).sum() * scale)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -340,5 +391,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = check_same_shape(fn, "mask", mask, "x", x)
     check_bool(fn, "mask", mask)
     check_device(fn, [("x", x), ("mask", mask)])
-    total = torch.where(mask, x.float(), torch.zeros((), device=x.device)).sum(-1)
-    return total / mask.sum(-1).clamp_min(1)
+    # Pre-divided by a power of two >= T (exact): the row sum of values near float32's range cannot overflow.
+    P = length_scale(x.shape[-1])
+    total = torch.where(mask, x.float() / P, torch.zeros((), device=x.device)).sum(-1)
+    return total / mask.sum(-1).clamp_min(1) * P

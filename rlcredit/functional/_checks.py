@@ -30,12 +30,31 @@ def _dims(letters: str, sizes: Sequence[int | None]) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
+def storage_problem(x: torch.Tensor, *, meta_ok: bool = False) -> str | None:
+    """Why a tensor cannot be computed on (a sparse or other non-strided layout, the meta device), or None.
+
+    The one rule for the tensors rlcredit reads: dense (strided), which the kernels need (sparse
+    tensors lack most of their ops). The data containers (``Rollout``, ``Credit``) and the losses
+    also need values: a meta tensor has none, so every value check would pass vacuously. The
+    functional kernels accept meta tensors (``meta_ok``), which give meta results, as torch's own
+    functions do for shape inference.
+    """
+    if x.layout != torch.strided:
+        return f"is a {str(x.layout).removeprefix('torch.')} tensor; pass a dense one (`.to_dense()`)"
+    if x.device.type == "meta" and not meta_ok:
+        return "is on the meta device (a shape without data); pass a tensor that holds values"
+    return None
+
+
 def check_tensor(fn: str, name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise RolloutError(
             f"{fn}: `{name}` must be a torch.Tensor, got {type(x).__name__}; "
             f"wrap it with torch.as_tensor(...)."
         )
+    problem = storage_problem(x, meta_ok=True)
+    if problem is not None:
+        raise RolloutError(f"{fn}: `{name}` {problem}.")
     return x
 
 
@@ -105,6 +124,38 @@ def check_device(fn: str, named: Sequence[tuple[str, torch.Tensor | None]]) -> N
             )
 
 
+#: The largest finite float32: every real hyper-parameter must fit in it (the maths is float32).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+#: The largest int64: integer hyper-parameters end up in int64 tensors or seeds.
+INT64_MAX = 2**63 - 1
+
+#: The largest token weight. Weights are relative importances (0/1 masks, soft weights up to the
+#: response length, anchors 1.5); below 1e20 a weight times a ratio of e^20, the world size and a
+#: batch of tokens stays far inside float32, so the loss and its gradient need no clamping there.
+TOKEN_WEIGHT_MAX = 1e20
+
+
+def check_weights(where: str, w: torch.Tensor, error: type[Exception] = RolloutError) -> None:
+    """The one rule for token weights: ``0 <= w <= 1e20`` (NaN and inf fail), via ``ensure``.
+
+    One ``aminmax`` pass. Callers pass the entries that count (``Credit``: all; ``aggregate``:
+    the valid tokens, padding zeroed).
+    """
+    if w.numel() == 0:
+        return
+    low, high = torch.aminmax(w.detach())  # NaN propagates: both tests fail
+
+    def message() -> str:
+        counts = {"negative": int((w < 0).sum()), f"above {TOKEN_WEIGHT_MAX:g}": int((w > TOKEN_WEIGHT_MAX).sum()),
+                  "NaN": int(w.isnan().sum())}
+        found = " and ".join(f"{n} {what} value(s)" for what, n in counts.items() if n)
+        return (f"{where} holds {found}; token weights lie in [0, {TOKEN_WEIGHT_MAX:g}] (they fold into the loss "
+                f"as w * l, exact only for w >= 0). Put signs in the advantages; rescale relative weights.")
+
+    ensure((low >= 0) & (high <= TOKEN_WEIGHT_MAX), message, error)
+
+
 def real_problem(
     value: object,
     *,
@@ -117,19 +168,35 @@ def real_problem(
 
     The one rule for real hyper-parameters, shared by the kernels (``check_real``) and the
     components' attrs validators (``rlcredit.validators.in_range``): a ``numbers.Real`` that is
-    not a bool (NumPy scalars included), finite, within the (half-)open or closed interval.
+    not a bool (NumPy scalars included), finite and within float32's range (``|x| <= 3.4e38``:
+    the maths is float32, so ``1e308`` would turn into ``inf`` there), within the (half-)open or
+    closed interval.
     """
     lo = "-inf" if low is None else repr(low)
     hi = "inf" if high is None else repr(high)
     interval = ("(" if low_open or low is None else "[") + f"{lo}, {hi}" + (")" if high_open or high is None else "]")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"must be a number in {interval}, got {value!r} ({type(value).__name__})"
-    if not math.isfinite(value):
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond any float
+        as_float = math.inf
+    if math.isnan(as_float) or (math.isinf(as_float) and not isinstance(value, numbers.Integral)):
         return f"must be a finite number in {interval}, got {value!r}"
+    if abs(as_float) > FLOAT32_MAX:
+        return (f"must be a number in {interval} within float32's range (|x| <= {FLOAT32_MAX:.4g}: rlcredit "
+                f"computes in float32), got {value!r}")
     bad = (low is not None and (value < low or (low_open and value == low))) or (
         high is not None and (value > high or (high_open and value == high))
     )
     return f"must be a number in {interval}, got {value!r}" if bad else None
+
+
+def int_problem(value: object, *, low: int) -> str | None:
+    """Why ``value`` is not an int (not a bool; NumPy integers accepted) in ``[low, 2**63 - 1]``, or None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= INT64_MAX:
+        return f"must be an int >= {low} (at most 2**63 - 1), got {value!r}"
+    return None
 
 
 def check_real(
@@ -150,8 +217,9 @@ def check_real(
 
 
 def check_positive_int(fn: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise RLCreditError(f"{fn}: `{name}` must be an int >= 1, got {value!r}.")
+    problem = int_problem(value, low=1)
+    if problem is not None:
+        raise RLCreditError(f"{fn}: `{name}` {problem}.")
     return int(value)
 
 

@@ -12,6 +12,7 @@ from rlcredit.functional._checks import (
     check_shape,
 )
 from rlcredit.errors import RLCreditError, RolloutError
+from rlcredit.functional._finite import pow2_scale
 from rlcredit.functional._reduce import GroupIndex, Reducer, all_max, all_min, all_sum
 
 __all__ = ["group_normalize", "group_center", "leave_one_out", "overlong_penalty", "batch_normalize"]
@@ -34,19 +35,28 @@ def _rewards_and_ids(
 
 def _group_moments(
     r: torch.Tensor, group_ids: torch.Tensor, reducer: Reducer | None
-) -> tuple[GroupIndex, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(index, count, mean, sum of squared deviations, all-equal flag) per group buffer."""
+) -> tuple[GroupIndex, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index, count, scaled mean, scaled sum of squared deviations, all-equal flag, scale) per group buffer.
+
+    The moments are those of ``r / scale``, ``scale`` a power of two per group within a factor 2 of
+    its largest ``|r|`` (``pow2_scale``): the division is exact and commutes with rounding, so
+    ``mean * scale`` and ``sq_dev * scale**2`` are the moments of ``r`` to the last bit, while
+    neither the sum nor the squares can overflow for any finite float32 rewards (``(r - mean)**2``
+    does beyond ``|r| ~ 1.8e19``, which used to turn every advantage of such a group into 0).
+    """
     index = GroupIndex(group_ids, reducer)
     r_all = index.gather(r)
     count = index.reduce(torch.ones_like(r_all), "sum")
-    mean = index.reduce(r_all, "sum") / count.clamp_min(1.0)
+    scale = pow2_scale(index.reduce(r_all.abs(), "amax"))
+    r_s = r_all / scale[index.seg]
+    mean = index.reduce(r_s, "sum") / count.clamp_min(1.0)
     # Two-pass variance: sum((r - mean)^2) rather than E[r^2] - mean^2, which cancels badly
     # for rewards with a large offset (e.g. a length bonus of ~1e3 on 0/1 correctness).
-    sq_dev = index.reduce((r_all - mean[index.seg]).square(), "sum")
+    sq_dev = index.reduce((r_s - mean[index.seg]).square(), "sum")
     # A group is constant iff its max equals its min: an exact test, whereas r - mean can be a
     # few ulps off zero (0.1 * 3 / 3 != 0.1 in float32) and would then be divided by ~eps.
     constant = index.reduce(r_all, "amax") == index.reduce(r_all, "amin")
-    return index, count, mean, sq_dev, constant
+    return index, count, mean, sq_dev, constant, scale
 
 
 def group_normalize(
@@ -67,7 +77,9 @@ def group_normalize(
     verl and 1e-4 in TRL. Degenerate groups are defined, not NaN: a group whose rewards are all
     equal gives exactly 0 (tested with ``max == min``, not by float cancellation), and so does a
     one-sample group (verl instead returns ``r_i`` for it; there is no baseline to subtract, so
-    we give it no signal). Rewards must be finite.
+    we give it no signal). Rewards must be finite; any finite float32 magnitude works (the moments
+    are taken of the rewards divided by a power of two near each group's largest, which is exact:
+    rewards of ``1e30`` normalise like rewards of ``1``).
 
     With a ``reducer`` the rewards and ids of every rank are gathered first, so a group whose
     rollouts are spread over ranks (TRL spreads a prompt's completions over processes) is
@@ -95,13 +107,14 @@ def group_normalize(
     fn = "group_normalize"
     r, ids = _rewards_and_ids(fn, rewards, group_ids)
     check_real(fn, "eps", eps, low=0.0)
-    index, count, mean, sq_dev, constant = _group_moments(r, ids, reducer)
+    index, count, mean, sq_dev, constant, scale = _group_moments(r, ids, reducer)
     dof = count - 1.0 if unbiased else count
     std = (sq_dev / dof.clamp_min(1.0)).sqrt()
     loc = index.local
-    denom = std[loc] + eps
+    # (r - mean) / (std + eps) with every term divided by the group's scale: the same quotient.
+    denom = std[loc] + eps / scale[loc]
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = (r - mean[loc]) / safe
+    out = (r / scale[loc] - mean[loc]) / safe
     # count == 1 implies constant; denom == 0 only with eps == 0 and an underflowed variance.
     return torch.where(constant[loc] | (denom == 0), torch.zeros_like(out), out)
 
@@ -135,8 +148,8 @@ def group_center(
         tensor([ 0.6667, -0.3333, -0.3333,  0.0000])
     """
     r, ids = _rewards_and_ids("group_center", rewards, group_ids)
-    index, _, mean, _, constant = _group_moments(r, ids, reducer)
-    out = r - mean[index.local]
+    index, _, mean, _, constant, scale = _group_moments(r, ids, reducer)
+    out = r - mean[index.local] * scale[index.local]
     return torch.where(constant[index.local], torch.zeros_like(out), out)
 
 
@@ -169,10 +182,10 @@ def leave_one_out(
         tensor([ 1.0000, -0.5000, -0.5000,  0.0000])
     """
     r, ids = _rewards_and_ids("leave_one_out", rewards, group_ids)
-    index, count, mean, _, constant = _group_moments(r, ids, reducer)
+    index, count, mean, _, constant, scale = _group_moments(r, ids, reducer)
     loc = index.local
     n = count[loc]
-    out = n / (n - 1.0).clamp_min(1.0) * (r - mean[loc])
+    out = n / (n - 1.0).clamp_min(1.0) * (r - mean[loc] * scale[loc])
     return torch.where(constant[loc], torch.zeros_like(out), out)
 
 
@@ -271,18 +284,24 @@ def batch_normalize(
         )
     check_real(fn, "eps", eps, low=0.0)
     r = rewards.float()
-    count_sum = all_sum(torch.stack([torch.full((), float(r.numel()), device=r.device), r.sum()]), reducer)
-    count, mean = count_sum[0], count_sum[1] / count_sum[0].clamp_min(1.0)
+    # The moments of r / scale, scale a power of two near the batch's largest |r| (see
+    # _group_moments): exact, and neither the sum nor the squares can overflow.
+    scale_r = pow2_scale(all_max(r.abs().max() if r.numel() else r.new_zeros(()), reducer))
+    r_s = r / scale_r
+    count_sum = all_sum(torch.stack([torch.full((), float(r.numel()), device=r.device), r_s.sum()]), reducer)
+    count, mean_s = count_sum[0], count_sum[1] / count_sum[0].clamp_min(1.0)
     # Two-pass variance: the squared deviations from the global mean (no E[r^2] - mean^2 cancellation).
-    sq_dev = all_sum((r - mean).square().sum(), reducer)
+    sq_dev = all_sum((r_s - mean_s).square().sum(), reducer)
     dof = count - 1.0 if unbiased else count
-    std = (sq_dev / dof.clamp_min(1.0)).sqrt()
-    denom = std + eps
-    scale = torch.where(denom > 0, denom, torch.ones_like(denom))
+    # Everything in the scaled domain: the result is the same to the last bit, and std itself
+    # (which can exceed float32's range while r / std cannot) is never formed.
+    std_s = (sq_dev / dof.clamp_min(1.0)).sqrt()
+    denom = std_s + eps / scale_r
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom) / scale_r)
     if not center:
-        return r / scale
+        return r_s / denom
     # An empty shard has no max/min: it contributes the identity of each reduction.
     hi = all_max(r.max() if r.numel() else r.new_tensor(float("-inf")), reducer)
     lo = all_min(r.min() if r.numel() else r.new_tensor(float("inf")), reducer)
-    out = (r - mean) / scale
+    out = (r_s - mean_s) / denom
     return torch.where(hi == lo, torch.zeros_like(out), out)

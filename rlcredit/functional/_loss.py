@@ -6,14 +6,58 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rlcredit.errors import RolloutError
+from rlcredit.functional._finite import finite_loss, pow2_scale, saturate
 from rlcredit.functional._checks import check_bool, check_device, check_float, check_real, check_same_shape, check_shape
 
-__all__ = ["clipped_surrogate", "k3_kl", "sequence_log_ratio", "surrogate_loss"]
+__all__ = ["clipped_surrogate", "k3_kl", "sequence_log_ratio", "surrogate_loss", "float32_logprobs"]
 
 # exp(20) ~ 4.9e8 is far beyond any clip range, and exp(+-20) is finite in bf16/fp16/fp32, so
 # clamping the log-ratio loses nothing that matters while a stale or -inf log-prob can no longer
 # turn the ratio into inf (whose loss is inf and whose clipped branch multiplies 0 by inf).
 _LOG_RATIO_BOUND = 20.0
+
+
+class _Float32(torch.autograd.Function):
+    """``x.float()`` whose backward casts the gradient back to ``x``'s dtype with ``saturate``."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.in_dtype = x.dtype
+        return x.view_as(x) if x.dtype == torch.float32 else x.float()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return saturate(grad, ctx.in_dtype)
+
+
+def float32_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """The log-probs a loss computes with: float32, with gradients that fit the input's dtype.
+
+    Every loss computes in float32 whatever the log-probs' dtype, so the gradient it forms is a
+    float32 tensor; cast back to a float16 (or bfloat16) input it could exceed that dtype's range
+    (one token with old log-prob -12, new log-prob 0 and ``A < 0``: a gradient of 1.6e5 > 65504).
+    The gradient that flows back through this function is cast with ``saturate``: values beyond
+    the input dtype's largest finite number become that number, never ``inf``; a float32
+    gradient beyond 3.4e38 likewise. Idempotent: an input that already went through it is
+    returned as it is.
+
+    Args:
+        logprobs: ``[B, T]`` log-probs of any float dtype (may require grad).
+
+    Returns:
+        ``[B, T]`` float32, differentiable w.r.t. ``logprobs``.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional._loss import float32_logprobs
+        >>> lp = torch.zeros(1, 2, dtype=torch.float16, requires_grad=True)
+        >>> (float32_logprobs(lp) * torch.tensor([1e5, -2.0])).sum().backward()
+        >>> lp.grad.tolist()  # 1e5 does not fit float16: it saturates at 65504
+        [[65504.0, -2.0]]
+    """
+    if isinstance(logprobs.grad_fn, _Float32._backward_cls):
+        return logprobs
+    return _Float32.apply(logprobs)
 
 
 def _opt_mask(fn: str, mask: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor | None:
@@ -232,27 +276,32 @@ class _Surrogate(torch.autograd.Function):
     ops and replays as many in the backward: on a GPU, where this loss is launch-bound, that is
     the cost. Here the gradient ``c_t (-A_t) rho_t`` on tokens inside their clip bounds (0
     elsewhere), minus the entropy term's constant ``penalty * e_t``, comes out of the passes that
-    give the value, and the backward is one multiply.
+    give the value, and the backward is one multiply. Both are formed from ``c (-A) / scale``
+    (``scale`` a power of two >= 1 near the largest ``|A|``: exact), so advantages anywhere in
+    float32's range times ratios of ``e^20`` overflow nothing on the way; a value or gradient
+    whose exact result is beyond float32 saturates (``saturate``).
     """
 
     @staticmethod
-    def forward(ctx, logprobs, log_ratio, coef_neg_adv, lo, hi, mask, penalty, entropy_coef):  # type: ignore[override]
+    def forward(ctx, logprobs, log_ratio, scaled, scale, lo, hi, mask, penalty, entropy_coef):  # type: ignore[override]
         zero = torch.zeros((), device=log_ratio.device)
         neg_logp = None
         if penalty:
-            # A select, not a product: padding log-probs may be NaN or inf.
-            neg_logp = -torch.dot(entropy_coef.reshape(-1), torch.where(mask, logprobs.float(), zero).reshape(-1))
+            # A select, not a product: padding log-probs may be NaN or inf. Log-probs are <= 0, so
+            # the terms share a sign and an overflow can only saturate (never inf - inf).
+            logp = torch.where(mask, logprobs.float(), zero)
+            neg_logp = saturate(-torch.dot(entropy_coef.reshape(-1), logp.reshape(-1)), torch.float32)
         ratio = torch.where(mask, log_ratio, zero).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND).exp()
         kept = torch.minimum(torch.maximum(ratio, lo), hi)  # the ratio the pessimistic (and dual) clip keeps
-        pg = torch.dot(coef_neg_adv.reshape(-1), kept.reshape(-1))
+        pg = saturate(torch.dot(scaled.reshape(-1), kept.reshape(-1)) * scale, torch.float32)
         active = kept == ratio  # where the gradient flows (padding included: ratio 1 is inside every range)
         # A distinct tensor even without the entropy term: pg is returned as a non-differentiable metric.
-        loss = pg.clone() if neg_logp is None else pg + penalty * neg_logp
+        loss = pg.clone() if neg_logp is None else saturate(pg + penalty * neg_logp, torch.float32)
         if ctx.needs_input_grad[0]:
-            grad = torch.where(active & mask, coef_neg_adv * ratio, zero)
+            grad = torch.where(active & mask, scaled * ratio, zero)  # the gradient / scale
             if penalty:
-                grad = grad - penalty * entropy_coef
-            ctx.save_for_backward(grad)
+                grad = grad - (penalty / scale) * entropy_coef
+            ctx.save_for_backward(grad, scale)
             ctx.in_dtype = logprobs.dtype
         outputs = (pg, active) if neg_logp is None else (pg, neg_logp, active)
         ctx.mark_non_differentiable(*outputs)
@@ -261,8 +310,11 @@ class _Surrogate(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative would silently be 0: raise instead
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.in_dtype), *([None] * 7)
+        grad, scale = ctx.saved_tensors
+        grad = grad * (grad_loss * scale)
+        # float32 log-probs (ClippedSurrogate passes float32_logprobs, whose backward saturates)
+        # need no cast; another dtype is cast here with the same saturation.
+        return (grad if ctx.in_dtype == torch.float32 else saturate(grad, ctx.in_dtype)), *([None] * 8)
 
 
 def surrogate_loss(
@@ -326,5 +378,10 @@ def surrogate_loss(
     neg_adv = -advantages
     if advantages.dim() == 1:
         lo, hi, neg_adv = lo[:, None], hi[:, None], neg_adv[:, None]
-    return _Surrogate.apply(logprobs, log_ratio, coefficients * neg_adv, lo, hi, mask, float(entropy_penalty),
-                            entropy_coefficients)
+    # Advantages may reach float32's range (huge rewards under Dr. GRPO) and ratios e^20: c (-A)
+    # is carried divided by a power of two >= 1 near max |A| (computed on the [B] or [B, T]
+    # advantages, not on [B, T] products), which is exact and leaves |c (-A) / scale| <= 2 c.
+    scale = pow2_scale(torch.linalg.vector_norm(advantages, float("inf")).clamp_min(1.0)) if advantages.numel() \
+        else torch.ones((), device=advantages.device)
+    return _Surrogate.apply(logprobs, log_ratio, coefficients * (neg_adv / scale), scale, lo, hi, mask,
+                            float(entropy_penalty), entropy_coefficients)

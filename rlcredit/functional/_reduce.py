@@ -8,9 +8,12 @@ few numbers they need, sums and extrema all-reduce them.
 
 from __future__ import annotations
 
+import numbers
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from rlcredit.errors import RLCreditError
 
 __all__ = ["Reducer"]
 
@@ -57,23 +60,52 @@ class Reducer(Protocol):
     def gather(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+_MEMBERS = ("world_size", "sum", "max", "min", "gather")
+
+
+def check_reducer(reducer: object, where: str = "reducer") -> None:
+    """Raise ``RLCreditError`` unless ``reducer`` is None or has the ``Reducer`` members.
+
+    ``rank`` is only read by the kernels that need it (``top_fraction_mask(scope="group")``),
+    which say so themselves. Every collective below goes through this check, so a wrong object
+    (a string, a process group) fails with one clear message before any statistic is computed.
+    """
+    if reducer is None:
+        return
+    missing = [m for m in _MEMBERS if not hasattr(reducer, m)]
+    size = getattr(reducer, "world_size", None)
+    bad_size = not missing and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1)
+    if missing or bad_size:
+        why = f"it lacks {', '.join(missing)}" if missing else f"its world_size is {size!r}, not an int >= 1"
+        raise RLCreditError(
+            f"{where} must be None (this process holds the whole batch) or a Reducer with world_size, rank, "
+            f"sum, max, min and gather (rlcredit.distributed.TorchDistributedReducer()); got "
+            f"{type(reducer).__name__}: {why}."
+        )
+
+
 def world_size(reducer: Reducer | None) -> int:
+    check_reducer(reducer)
     return 1 if reducer is None else int(reducer.world_size)
 
 
 def all_sum(x: torch.Tensor, reducer: Reducer | None) -> torch.Tensor:
+    check_reducer(reducer)
     return x if reducer is None else reducer.sum(x)
 
 
 def all_max(x: torch.Tensor, reducer: Reducer | None) -> torch.Tensor:
+    check_reducer(reducer)
     return x if reducer is None else reducer.max(x)
 
 
 def all_min(x: torch.Tensor, reducer: Reducer | None) -> torch.Tensor:
+    check_reducer(reducer)
     return x if reducer is None else reducer.min(x)
 
 
 def all_gather(x: torch.Tensor, reducer: Reducer | None) -> torch.Tensor:
+    check_reducer(reducer)
     return x if reducer is None else reducer.gather(x)
 
 
@@ -107,6 +139,7 @@ class GroupIndex:
     """
 
     def __init__(self, group_ids: torch.Tensor, reducer: Reducer | None) -> None:
+        check_reducer(reducer)
         self.reducer = reducer
         ids = group_ids.long()
         all_ids = ids if reducer is None else reducer.gather(ids)

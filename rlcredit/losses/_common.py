@@ -18,6 +18,7 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import RLCreditError, RolloutError
 from rlcredit.functional import Reducer, Totals
+from rlcredit.functional._loss import float32_logprobs
 from rlcredit.functional._reduce import all_gather, all_sum, world_size
 from rlcredit.functional._select import rank_key
 from rlcredit.losses.surrogate import check_credit, check_logprobs
@@ -55,7 +56,8 @@ def token_inputs(logprobs: Tensor, rollout: Rollout, credit: Credit, who: str) -
     check_credit(rollout, credit, who)
     mask = rollout.response_mask
     zero = torch.zeros((), device=mask.device)
-    lp = torch.where(mask, logprobs.float(), zero)
+    # float32 maths; the gradient comes back in the log-probs' dtype, saturated (never inf in float16).
+    lp = torch.where(mask, float32_logprobs(logprobs), zero)
     old = lp.detach() if rollout.old_logprobs is None else torch.where(mask, rollout.old_logprobs.float(), zero)
     adv = credit.advantages.float()
     adv = torch.where(mask, adv[:, None] if adv.ndim == 1 else adv, zero)

@@ -11,7 +11,7 @@ from rlcredit.functional import AGGREGATIONS, Reducer, Totals
 from rlcredit.losses._common import coefficients, loss_totals, token_inputs
 from rlcredit.registry import register
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
-from rlcredit.validators import in_range, is_bool, one_of
+from rlcredit.validators import in_range, is_bool, one_of, to_number
 
 __all__ = ["CISPO"]
 
@@ -67,8 +67,8 @@ class CISPO:
     """
 
     clip_low: float | None = attrs.field(
-        default=None, validator=attrs.validators.optional(in_range(0.0, 1.0, hi_open=True)))
-    clip_high: float = attrs.field(default=0.28, validator=in_range(0.0))
+        default=None, converter=to_number, validator=attrs.validators.optional(in_range(0.0, 1.0, hi_open=True)))
+    clip_high: float = attrs.field(default=0.28, converter=to_number, validator=in_range(0.0))
     aggregation: str = attrs.field(default="token_mean", validator=one_of(*AGGREGATIONS))
     renormalize: bool = attrs.field(default=False, validator=is_bool)
 

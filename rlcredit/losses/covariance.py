@@ -22,7 +22,7 @@ from rlcredit.losses._common import (
 )
 from rlcredit.registry import register
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
-from rlcredit.validators import in_range, int_at_least, one_of
+from rlcredit.validators import in_range, int_at_least, one_of, to_number
 
 __all__ = ["KLCov", "ClipCov", "token_covariance"]
 
@@ -101,8 +101,8 @@ class KLCov:
         -0.0702
     """
 
-    kl_cov_ratio: float = attrs.field(default=2e-4, validator=in_range(0.0, 1.0, lo_open=True))
-    ppo_kl_coef: float = attrs.field(default=1.0, validator=in_range(0.0))
+    kl_cov_ratio: float = attrs.field(default=2e-4, converter=to_number, validator=in_range(0.0, 1.0, lo_open=True))
+    ppo_kl_coef: float = attrs.field(default=1.0, converter=to_number, validator=in_range(0.0))
     aggregation: str = attrs.field(default="token_mean", validator=one_of(*AGGREGATIONS))
 
     requires = ()
@@ -184,13 +184,13 @@ class ClipCov:
                 [ 0.0000,  0.5000]])
     """
 
-    clip_cov_ratio: float = attrs.field(default=2e-4, validator=in_range(0.0, 1.0, lo_open=True))
-    clip_cov_lb: float = attrs.field(default=1.0, validator=in_range())
-    clip_cov_ub: float = attrs.field(default=5.0, validator=in_range())
-    clip_low: float = attrs.field(default=0.2, validator=in_range(0.0, 1.0, hi_open=True))
-    clip_high: float = attrs.field(default=0.2, validator=in_range(0.0))
+    clip_cov_ratio: float = attrs.field(default=2e-4, converter=to_number, validator=in_range(0.0, 1.0, lo_open=True))
+    clip_cov_lb: float = attrs.field(default=1.0, converter=to_number, validator=in_range())
+    clip_cov_ub: float = attrs.field(default=5.0, converter=to_number, validator=in_range())
+    clip_low: float = attrs.field(default=0.2, converter=to_number, validator=in_range(0.0, 1.0, hi_open=True))
+    clip_high: float = attrs.field(default=0.2, converter=to_number, validator=in_range(0.0))
     aggregation: str = attrs.field(default="token_mean", validator=one_of(*AGGREGATIONS))
-    seed: int | None = attrs.field(default=None, validator=_seed)
+    seed: int | None = attrs.field(default=None, converter=to_number, validator=_seed)
 
     requires = ()
 

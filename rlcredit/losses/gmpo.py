@@ -10,7 +10,7 @@ from rlcredit.functional import Reducer, Totals
 from rlcredit.losses._common import LOG_RATIO_BOUND, coefficients, loss_totals, token_inputs
 from rlcredit.registry import register
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
-from rlcredit.validators import in_range
+from rlcredit.validators import in_range, to_number
 
 __all__ = ["GMPO"]
 
@@ -68,8 +68,8 @@ class GMPO:
         tensor([[-0.6749,  0.0000]])
     """
 
-    clip_low: float = attrs.field(default=0.4, validator=in_range(0.0))
-    clip_high: float = attrs.field(default=0.4, validator=in_range(0.0))
+    clip_low: float = attrs.field(default=0.4, converter=to_number, validator=in_range(0.0))
+    clip_high: float = attrs.field(default=0.4, converter=to_number, validator=in_range(0.0))
 
     requires = ()
 

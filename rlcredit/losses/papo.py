@@ -12,12 +12,13 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import RolloutError
 from rlcredit.functional import AGGREGATIONS, Reducer, Totals
+from rlcredit.functional._loss import float32_logprobs
 from rlcredit.losses._common import LOG_RATIO_BOUND, aux_names, check_aux, merge_totals, token_inputs
 from rlcredit.losses.surrogate import ClippedSurrogate
 from rlcredit.registry import register
 from rlcredit.requirements import Aux, Requirement, Signal, requirements_of
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
-from rlcredit.validators import in_range, one_of, to_component
+from rlcredit.validators import in_range, one_of, to_component, to_number
 
 __all__ = ["PAPO", "MASKED_SOURCES", "MASKED_LOGPROBS"]
 
@@ -89,9 +90,10 @@ class PAPO:
     """
 
     surrogate: Any = attrs.field(factory=ClippedSurrogate, converter=to_component("loss"))
-    gamma: float = attrs.field(default=0.01, validator=in_range(0.0))
-    eta: float = attrs.field(default=0.0, validator=in_range(0.0))
-    kl_clip: float | None = attrs.field(default=10.0, validator=attrs.validators.optional(in_range(0.0, lo_open=True)))
+    gamma: float = attrs.field(default=0.01, converter=to_number, validator=in_range(0.0))
+    eta: float = attrs.field(default=0.0, converter=to_number, validator=in_range(0.0))
+    kl_clip: float | None = attrs.field(default=10.0, converter=to_number,
+        validator=attrs.validators.optional(in_range(0.0, lo_open=True)))
     masked: str = attrs.field(default="aux", validator=one_of(*MASKED_SOURCES))
     aggregation: str = attrs.field(default="token_mean", validator=one_of(*AGGREGATIONS))
 
@@ -114,7 +116,7 @@ class PAPO:
         x = token_inputs(logprobs, rollout, credit, "PAPO")
         mask, zero = x.mask, torch.zeros((), device=x.mask.device)
         if self.masked == "aux":
-            masked = torch.where(mask, aux[MASKED_LOGPROBS].float(), zero)
+            masked = torch.where(mask, float32_logprobs(aux[MASKED_LOGPROBS]), zero)
         elif "aug_logprobs" in rollout.signals:
             masked = torch.where(mask, rollout.signals["aug_logprobs"].float(), zero)
         else:

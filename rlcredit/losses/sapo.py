@@ -10,7 +10,7 @@ from rlcredit.functional import AGGREGATIONS, Reducer, Totals
 from rlcredit.losses._common import LOG_RATIO_BOUND, coefficients, loss_totals, token_inputs
 from rlcredit.registry import register
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
-from rlcredit.validators import in_range, one_of
+from rlcredit.validators import in_range, one_of, to_number
 
 __all__ = ["SAPO"]
 
@@ -62,8 +62,8 @@ class SAPO:
         tensor([[-0.5000, -0.5000]])
     """
 
-    tau_pos: float = attrs.field(default=1.0, validator=in_range(0.0, lo_open=True))
-    tau_neg: float = attrs.field(default=1.05, validator=in_range(0.0, lo_open=True))
+    tau_pos: float = attrs.field(default=1.0, converter=to_number, validator=in_range(0.0, lo_open=True))
+    tau_neg: float = attrs.field(default=1.05, converter=to_number, validator=in_range(0.0, lo_open=True))
     aggregation: str = attrs.field(default="seq_mean_token_mean", validator=one_of(*AGGREGATIONS))
 
     requires = ()

@@ -11,11 +11,13 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import AGGREGATIONS, Reducer, Totals
-from rlcredit.functional._loss import surrogate_loss
+from rlcredit.functional._checks import storage_problem
+from rlcredit.functional._finite import finite_loss
+from rlcredit.functional._loss import float32_logprobs, surrogate_loss
 from rlcredit.registry import register
 from rlcredit.requirements import Field, Requirement
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
-from rlcredit.validators import in_range, int_at_least, is_bool, one_of
+from rlcredit.validators import in_range, int_at_least, is_bool, one_of, to_number
 
 __all__ = ["ClippedSurrogate", "GSPO", "RATIOS", "check_credit", "check_logprobs"]
 
@@ -24,6 +26,8 @@ RATIOS = ("token", "sequence")
 
 
 def check_credit(rollout: Rollout, credit: Credit, who: str) -> None:
+    if not isinstance(rollout, Rollout):
+        raise RolloutError(f"{who}: rollout must be a rlcredit.Rollout, got {type(rollout).__name__}.")
     if not isinstance(credit, Credit):
         raise RolloutError(f"{who}: credit must be a rlcredit.Credit (from strategy.assign), got {type(credit).__name__}.")
     if tuple(credit.token_weights.shape) != tuple(rollout.response_mask.shape):
@@ -37,6 +41,10 @@ def check_credit(rollout: Rollout, credit: Credit, who: str) -> None:
 
 
 def check_logprobs(logprobs: Tensor, rollout: Rollout, who: str) -> None:
+    if not isinstance(rollout, Rollout):
+        raise RolloutError(f"{who}: rollout must be a rlcredit.Rollout, got {type(rollout).__name__}.")
+    if isinstance(logprobs, Tensor) and storage_problem(logprobs) is not None:
+        raise RolloutError(f"{who}: logprobs {storage_problem(logprobs)}.")
     if not isinstance(logprobs, Tensor) or tuple(logprobs.shape) != tuple(rollout.response_mask.shape):
         got = list(logprobs.shape) if isinstance(logprobs, Tensor) else type(logprobs).__name__
         raise RolloutError(
@@ -89,7 +97,11 @@ class ClippedSurrogate:
     ``F.aggregate(F.clipped_surrogate(...), ...)`` plus the entropy term through autograd, with
     the gradient ``-c_t A_t rho_t`` formed in the forward pass; a padding log-prob that is NaN or
     inf gets exactly 0 gradient, and a NaN on a valid token gives a NaN loss. It is
-    differentiable once (``create_graph=True`` raises).
+    differentiable once (``create_graph=True`` raises). Log-probs of any float dtype are read as
+    float32 and the gradient is cast back to their dtype; where an exact value does not fit (the
+    gradient ``e^12`` of one token in float16, a loss of advantages near float32's maximum times a
+    ratio of ``e^20``) it saturates at the dtype's largest finite value instead of becoming inf
+    (``rlcredit.functional._loss.saturate``).
 
     Args:
         clip_low: ``eps_low`` in ``[0, 1)``. clip_high: ``eps_high >= 0`` (DAPO 0.28).
@@ -119,14 +131,16 @@ class ClippedSurrogate:
         -2.4
     """
 
-    clip_low: float = attrs.field(default=0.2, validator=in_range(0.0, 1.0, hi_open=True))
-    clip_high: float = attrs.field(default=0.2, validator=in_range(0.0))
-    dual_clip: float | None = attrs.field(default=None, validator=attrs.validators.optional(in_range(1.0, lo_open=True)))
+    clip_low: float = attrs.field(default=0.2, converter=to_number, validator=in_range(0.0, 1.0, hi_open=True))
+    clip_high: float = attrs.field(default=0.2, converter=to_number, validator=in_range(0.0))
+    dual_clip: float | None = attrs.field(default=None, converter=to_number,
+        validator=attrs.validators.optional(in_range(1.0, lo_open=True)))
     aggregation: str = attrs.field(default="token_mean", validator=one_of(*AGGREGATIONS))
     renormalize: bool = attrs.field(default=False, validator=is_bool)
-    kl_coef: float = attrs.field(default=0.0, validator=in_range(0.0))
-    entropy_penalty: float = attrs.field(default=0.0, validator=in_range(0.0))
-    max_length: int | None = attrs.field(default=None, validator=attrs.validators.optional(int_at_least(1)))
+    kl_coef: float = attrs.field(default=0.0, converter=to_number, validator=in_range(0.0))
+    entropy_penalty: float = attrs.field(default=0.0, converter=to_number, validator=in_range(0.0))
+    max_length: int | None = attrs.field(default=None, converter=to_number,
+        validator=attrs.validators.optional(int_at_least(1)))
     ratio: str = attrs.field(default="token", validator=one_of(*RATIOS))
     kl_bias_correction: bool = attrs.field(default=False, validator=is_bool)
 
@@ -177,15 +191,17 @@ class ClippedSurrogate:
         who = type(self).__name__
         check_logprobs(logprobs, rollout, who)
         check_credit(rollout, credit, who)
+        # float32 maths for any input dtype; gradients come back saturated to that dtype's range.
+        logprobs = float32_logprobs(logprobs)
         mask = rollout.response_mask
         zero = torch.zeros((), device=mask.device)
         # On-policy without old log-probs: logp_old = logp.detach().
-        old = logprobs.detach().float() if rollout.old_logprobs is None else rollout.old_logprobs.float()
+        old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs.float()
         with torch.no_grad():
             if self.ratio == "sequence":
                 log_ratio = F.sequence_log_ratio(logprobs.detach(), old, mask)
             else:
-                log_ratio = torch.where(mask, logprobs.detach().float() - old, zero)
+                log_ratio = torch.where(mask, logprobs.detach() - old, zero)
         agg = {"mode": self.aggregation, "max_length": self.max_length, "reducer": reducer}
         if totals is None:
             totals = self.totals(rollout, credit, reducer=reducer)
@@ -208,7 +224,7 @@ class ClippedSurrogate:
                 k3 = k3 * torch.exp(torch.where(mask, logprobs.float() - old, zero).clamp(-20.0, 20.0))
             kl = F.aggregate(k3, mask, mode=self.aggregation, max_length=self.max_length, reducer=reducer,
                              totals=totals)
-            loss = loss + self.kl_coef * kl
+            loss = finite_loss(loss + self.kl_coef * kl)
             metrics["kl"] = kl.detach()
         if neg_logp is not None:
             metrics["neg_logprob"] = neg_logp.detach()
@@ -272,13 +288,14 @@ class GSPO:
                 [ 0.0000,  0.0000]])
     """
 
-    clip_low: float = attrs.field(default=3e-4, validator=in_range(0.0, 1.0, hi_open=True))
-    clip_high: float = attrs.field(default=4e-4, validator=in_range(0.0))
+    clip_low: float = attrs.field(default=3e-4, converter=to_number, validator=in_range(0.0, 1.0, hi_open=True))
+    clip_high: float = attrs.field(default=4e-4, converter=to_number, validator=in_range(0.0))
     aggregation: str = attrs.field(default="seq_mean_token_mean", validator=one_of(*AGGREGATIONS))
     renormalize: bool = attrs.field(default=False, validator=is_bool)
-    kl_coef: float = attrs.field(default=0.0, validator=in_range(0.0))
-    entropy_penalty: float = attrs.field(default=0.0, validator=in_range(0.0))
-    max_length: int | None = attrs.field(default=None, validator=attrs.validators.optional(int_at_least(1)))
+    kl_coef: float = attrs.field(default=0.0, converter=to_number, validator=in_range(0.0))
+    entropy_penalty: float = attrs.field(default=0.0, converter=to_number, validator=in_range(0.0))
+    max_length: int | None = attrs.field(default=None, converter=to_number,
+        validator=attrs.validators.optional(int_at_least(1)))
 
     def __attrs_post_init__(self) -> None:
         self.as_clipped()  # the option checks of the clipped surrogate, at construction
