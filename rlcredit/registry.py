@@ -120,10 +120,34 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions and adjacent swaps cost 1."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def closest_name(name: str, names: list[str]) -> str | None:
+    """The registered name a typo most likely meant: difflib's close matches, the fewest edits first
+    (a swap of two letters is one edit, so ``gpro`` suggests ``grpo``, not ``gtpo``), ties by order.
+
+    Examples:
+        >>> from rlcredit.registry import closest_name
+        >>> closest_name("gpro", ["gmpo", "grpo", "gtpo"]), closest_name("xyz", ["grpo"])
+        ('grpo', None)
+    """
+    close = difflib.get_close_matches(name, names, n=5)
+    return min(close, key=lambda c: _edit_distance(name, c)) if close else None
+
+
 def _unknown(kind: str, name: str) -> RegistryError:
     names = sorted(_REGISTRY[kind])
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" did you mean {close[0]!r}?" if close else ""
+    close = closest_name(name, names)
+    hint = f" did you mean {close!r}?" if close else ""
     extra = ""
     if _PLUGIN_ERRORS:
         extra = " Plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in _PLUGIN_ERRORS.items()) + "."

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from rlcredit.errors import RLCreditError
 from rlcredit.functional import top_fraction_mask
-from rlcredit.functional._select import quantile_linear
+from rlcredit.functional._select import masked_quantile
 from tests.strategies import right_padded_mask, rollout_tensors, run_ranks, split_points
 
 fractions = st.sampled_from([0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.9, 1.0]) | st.floats(0.01, 1.0)
@@ -205,20 +205,28 @@ def test_group_scope_across_ranks_needs_the_reducer_rank():
 
 # ----------------------------------------------------------------------------- quantile
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 3000), q=st.floats(0.0, 1.0) | st.sampled_from([0.0, 0.2, 0.5, 0.8, 0.95, 1.0]),
+@given(n=st.integers(1, 3000), pad=st.integers(0, 50), q=st.floats(0.0, 1.0) | st.sampled_from([0.0, 0.2, 0.5, 0.8, 0.95, 1.0]),
        seed=st.integers(0, 2**31 - 1), ties=st.booleans())
-def test_quantile_replay_is_bit_equal_to_torch_quantile(n, q, seed, ties):
+def test_masked_quantile_is_bit_equal_to_torch_quantile(n, pad, q, seed, ties):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 5, (n,), generator=gen).float() if ties else torch.randn(n, generator=gen) * 3
-    replay = quantile_linear(x, q, max_numel=0)  # force the beyond-the-limit path
-    assert torch.equal(replay, torch.quantile(x, q))
+    padded = torch.cat([x, torch.full((pad,), 123.0)])[torch.randperm(n + pad, generator=gen)]
+    valid = padded != 123.0
+    assert torch.equal(masked_quantile(padded, valid, q), torch.quantile(x, q))
+    assert torch.equal(masked_quantile(padded.reshape(1, -1), valid.reshape(1, -1), q), torch.quantile(x, q))
+
+
+def test_masked_quantile_of_nothing_is_inf():
+    x = torch.rand(2, 3)
+    assert masked_quantile(x, torch.zeros(2, 3, dtype=torch.bool), 0.5) == float("inf")
+    assert masked_quantile(x[:0], torch.zeros(0, 3, dtype=torch.bool), 0.5) == float("inf")
 
 
 def test_batch_scope_beyond_torch_quantile_limit():
     n_rows, T = 4097, 4096  # 16_781_312 valid scores > 2**24
     scores = torch.rand(n_rows, T, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(n_rows, T, dtype=torch.bool)
-    keep = top_fraction_mask(scores, mask, 0.2, "batch")
+    keep = top_fraction_mask(scores, mask, 0.2, "batch")  # a sort has no element limit
     values = scores.reshape(-1)
     n = values.numel()
     rank = torch.tensor(0.8, dtype=torch.float32) * (n - 1)

@@ -181,3 +181,10 @@ def test_entry_point_plugins_register_and_broken_ones_are_reported(tmp_path, mon
         rlcredit.get("shaper", "no_such_shaper_anywhere")
     sys.modules.pop("rlc_good_plugin_mod", None)
     registry._PLUGIN_ERRORS.pop("rlc_bad_plugin", None)
+
+
+def test_did_you_mean_prefers_the_fewest_edits():
+    with pytest.raises(RegistryError, match="did you mean 'grpo'"):
+        rlcredit.build("gpro")  # a swap of two letters, not 'gtpo' (one substitution, but difflib ties them)
+    with pytest.raises(RegistryError, match="did you mean 'entropy_forks'"):
+        rlcredit.build("entropy_fork")

@@ -18,7 +18,7 @@ from rlcredit.functional._checks import (
     check_same_shape,
     check_shape,
 )
-from rlcredit.functional._reduce import Reducer, all_gather, segment_ids, world_size
+from rlcredit.functional._reduce import Reducer, all_gather, all_sum, segment_ids, world_size
 
 __all__ = ["SCOPES", "COUNTS", "top_fraction_mask"]
 
@@ -27,10 +27,6 @@ SCOPES = ("sequence", "group", "batch")
 
 #: How ``top_fraction_mask`` rounds ``fraction * n`` up in the sequence scope (see ``count``).
 COUNTS = ("exact", "float32")
-
-# torch.quantile refuses inputs above 2**24 elements ("quantile() input tensor is too large").
-_TORCH_QUANTILE_MAX_NUMEL = 2**24
-
 
 def exact_fraction(fn: str, fraction: object) -> tuple[int, int]:
     """``fraction`` in (0, 1] as ``(p, q)`` with ``p / q`` the nearest ratio with ``q <= 1e6``.
@@ -84,25 +80,44 @@ def rank_key(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, key, float("-inf"))
 
 
-def quantile_linear(x: torch.Tensor, q: float, *, max_numel: int = _TORCH_QUANTILE_MAX_NUMEL) -> torch.Tensor:
-    """``torch.quantile(x, q)`` (linear interpolation) for 1-D float32 ``x`` of any size.
+def masked_quantile(x: torch.Tensor, valid: torch.Tensor, q: float, reducer: Reducer | None = None) -> torch.Tensor:
+    """``torch.quantile(x[valid], q)`` (linear interpolation) over the valid values of every rank.
 
-    Up to ``max_numel`` elements this *is* ``torch.quantile``; beyond its limit it replays the
-    same formula with two ``kthvalue`` selections: ``r = float32(q) * (n - 1)`` in float32,
-    ``lerp(x_(floor r), x_(ceil r), r - floor r)`` on the sorted values. The result is bit-equal
-    to ``torch.quantile`` wherever both run.
+    The same formula as ATen's, on the sorted values: ``r = float32(q) * (n - 1)`` in float32,
+    ``lerp(x_(trunc r), x_(ceil r), r - trunc r)`` — bit-equal to ``torch.quantile`` — but with
+    the invalid entries sorted last as ``+inf`` and ``n`` kept on the device, so one process needs
+    no host sync (boolean indexing would need one to size ``x[valid]``) and there is no size limit
+    (``torch.quantile`` refuses more than ``2**24`` elements). Across ranks the values are gathered
+    (``reducer.gather``: one sync, for its variable length). No valid value: ``+inf``.
+
+    Args:
+        x: float32 values of any shape (finite where valid).
+        valid: bool, the shape of ``x``.
+        q: the quantile, in ``[0, 1]``.
+        reducer: cross-rank reducer, or None.
+
+    Returns:
+        A float32 0-d tensor.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional._select import masked_quantile
+        >>> x = torch.tensor([[1.0, 5.0, 9.0], [2.0, 0.0, 7.0]])
+        >>> valid = torch.tensor([[True, True, False], [True, False, True]])
+        >>> masked_quantile(x, valid, 0.5), torch.quantile(x[valid], 0.5)
+        (tensor(3.5000), tensor(3.5000))
     """
-    n = x.numel()
-    if n <= max_numel:
-        return torch.quantile(x, q)
-    # float32 on the host, exactly as ATen forms `q * last_index` for a float32 input.
-    rank = torch.tensor(q, dtype=torch.float32) * (n - 1)
-    below = int(rank.long())  # a CPU scalar: no device sync
-    above = int(torch.ceil(rank).long())
-    weight = (rank - below).to(x.device)
-    lo = torch.kthvalue(x, below + 1).values
-    hi = lo if above == below else torch.kthvalue(x, above + 1).values
-    return torch.lerp(lo, hi, weight)
+    flat = torch.where(valid, x.float(), float("inf")).reshape(-1)
+    values = torch.sort(all_gather(flat, reducer)).values
+    n = all_sum(valid.sum().reshape(1), reducer).reshape(())
+    if values.numel() == 0:
+        return torch.full((), float("inf"), device=x.device)
+    rank = torch.tensor(q, dtype=torch.float32, device=x.device) * (n - 1).float()
+    last = values.numel() - 1
+    below = rank.long().clamp(0, last)
+    above = rank.ceil().long().clamp(0, last)
+    tau = torch.lerp(values[below], values[above], rank - below.float())
+    return torch.where(n > 0, tau, torch.full_like(tau, float("inf")))
 
 
 def top_fraction_mask(
@@ -210,12 +225,7 @@ def top_fraction_mask(
         return _sequence_top(key, mask, keep_counts(mask.sum(-1), p, q), max(1, (T * p + q - 1) // q))
 
     if scope == "batch":
-        # Boolean indexing syncs once to size the valid scores, as TRL's gather does.
-        values = all_gather(key[mask], reducer)
-        if values.numel() == 0:
-            return torch.zeros_like(mask)
-        tau = quantile_linear(values, 1.0 - fraction)
-        return mask & (key >= tau)
+        return mask & (key >= masked_quantile(key, mask, 1.0 - fraction, reducer))
 
     return _group_top(key, mask, group_ids, p, q, reducer)
 

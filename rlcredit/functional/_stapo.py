@@ -14,8 +14,8 @@ from rlcredit.functional._checks import (
     check_same_shape,
     check_shape,
 )
-from rlcredit.functional._reduce import Reducer, all_gather
-from rlcredit.functional._select import quantile_linear
+from rlcredit.functional._reduce import Reducer
+from rlcredit.functional._select import masked_quantile
 
 __all__ = ["spurious_token_mask"]
 
@@ -74,8 +74,5 @@ def spurious_token_mask(
 
     h = entropy.float()
     candidate = mask & positive[:, None] & (old_logprobs.float() < math.log(prob_threshold))
-    values = all_gather(h[candidate], reducer)
-    if values.numel() == 0:
-        return torch.zeros_like(mask)
-    tau = quantile_linear(values, entropy_quantile)
-    return candidate & (h < tau)
+    # No candidate: tau = +inf, and there is nothing to mark anyway.
+    return candidate & (h < masked_quantile(h, candidate, entropy_quantile, reducer))
