@@ -174,7 +174,9 @@ class Strategy:
 
         Returns:
             ``rlcredit.Credit`` with ``scores``, ``token_weights [B, T]``, ``advantages`` and
-            detached ``metrics``.
+            detached ``metrics`` (computed on first access, no host sync): ``kept_tokens`` (valid
+            tokens with weight > 0; **0 means this batch trains nothing**), ``kept_fraction`` (their
+            share of the valid tokens), ``weight_mean``, ``advantage_abs_mean``, ``score/NAME``.
 
         Raises:
             RolloutError: the rollout or policy lacks what a component requires (all listed), or a
@@ -240,6 +242,7 @@ class Strategy:
             return mask.sum().clamp_min(1).float()
 
         thunks = {
+            "kept_tokens": lambda: (weights > 0).sum().float(),  # 0: the batch trains nothing (no host sync here)
             "kept_fraction": lambda: (weights > 0).sum() / n_valid(),
             "weight_mean": lambda: weights.sum() / n_valid(),
             "advantage_abs_mean": lambda: advantages.abs().mean(),
