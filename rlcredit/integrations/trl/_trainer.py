@@ -170,12 +170,15 @@ class CreditGRPOTrainer(GRPOTrainer):
             self._credit_reducer = TorchDistributedReducer()
         return self._credit_reducer
 
+    def _new_policy(self) -> HFPolicy:
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            model = model.get_base_model()  # LoRA layers live in the base model's modules
+        return HFPolicy(model)
+
     def _credit_policy_handle(self) -> HFPolicy:
-        if self._credit_policy is None:
-            model = self.accelerator.unwrap_model(self.model)
-            if is_peft_model(model):
-                model = model.get_base_model()  # LoRA layers live in the base model's modules
-            self._credit_policy = HFPolicy(model)
+        if self._credit_policy is None:  # built at the first training step, after accelerate prepared the model
+            self._credit_policy = self._new_policy()
         return self._credit_policy
 
     def _check_model_sees_images(self, strategy: Strategy) -> None:
@@ -185,9 +188,12 @@ class CreditGRPOTrainer(GRPOTrainer):
         readers = [(who, req) for who, part in _parts(strategy) for req in requirements_of(part, who)
                    if type(part).__module__.split(".")[0] == "rlcredit_mm"
                    and not req.met(view, None) and req.met(view, POLICY)]
-        if not readers or self._credit_policy_handle().adapter is not None:
+        if not readers:
             return
-        model = self._credit_policy_handle().model
+        policy = self._new_policy()  # resolves the model's adapter (None: a text-only model)
+        if policy.adapter is not None:
+            return
+        model = policy.model
         who, req = readers[0]
         raise SpecError(
             f"CreditGRPOTrainer: the strategy needs a vision-language model: its {who} requires {req.describe()}, "
