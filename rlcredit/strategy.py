@@ -177,7 +177,9 @@ class Strategy:
 
         Returns:
             ``rlcredit.Credit`` with ``scores``, ``token_weights [B, T]``, ``advantages`` and
-            detached ``metrics``.
+            detached ``metrics`` (computed on first access, no host sync): ``kept_tokens`` (valid
+            tokens with weight > 0; **0 means this batch trains nothing**), ``kept_fraction`` (their
+            share of the valid tokens), ``weight_mean``, ``advantage_abs_mean``, ``score/NAME``.
 
         Raises:
             RolloutError: the rollout or policy lacks what a component requires (all listed), or a
@@ -250,6 +252,7 @@ class Strategy:
 
         # finite_sum: the sums of values near float32's range (rewards of 1e38) must not overflow.
         thunks = {
+            "kept_tokens": lambda: (weights > 0).sum().float(),  # 0: the batch trains nothing (no host sync here)
             "kept_fraction": lambda: (weights > 0).sum() / n_valid(),
             "weight_mean": lambda: finite_sum(weights, n_valid()),
             "advantage_abs_mean": lambda: finite_sum(advantages.abs(), max(advantages.numel(), 1)),

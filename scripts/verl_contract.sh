@@ -4,7 +4,8 @@
 # verl needs transformers < 5.11 and ray, which must stay out of the main .venv, so this script
 # builds .venv-verl (CPU torch, pinned), installs verl without its GPU extras, and runs
 # scripts/verl_contract_test.py: verl's own get_policy_loss_fn("rlcredit"), get_adv_estimator_fn,
-# agg_loss, ppo_loss / vanilla loss and ray_trainer.compute_advantage against ours; and
+# agg_loss, ppo_loss / vanilla loss and ray_trainer.compute_advantage against ours (and loss_mode=rlcredit with
+# cispo/sapo/gmpo/kl_cov/clip_cov against verl's own loss modes through ppo_loss); and
 # scripts/verl_contract_methods_test.py: verl's cispo, sapo, geo_mean, kl_cov and clip_cov against rlcredit's.
 #
 #   scripts/verl_contract.sh                 # build (once) and test

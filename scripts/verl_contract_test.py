@@ -4,13 +4,16 @@ verl needs transformers < 5.11 and ray, so it lives in its own virtual environme
 check what tests/test_verl.py can only check against a fake: that importing
 ``rlcredit.integrations.verl`` registers in verl's own registries, with verl's own signatures, and
 that rlcredit's aggregation, policy loss and advantages equal verl's ``agg_loss``, ``vanilla`` loss
-(through verl's own ``ppo_loss``) and ``compute_advantage`` at verl's default actor config.
+(through verl's own ``ppo_loss``) and ``compute_advantage`` at verl's default actor config; and that
+``loss_mode=rlcredit`` with the strategy's cispo, sapo, gmpo, kl_cov or clip_cov equals verl's own loss mode of
+the same name (``geo_mean`` for gmpo) at the matching config, through ``ppo_loss``, on micro-batches and dp ranks.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 
 import pytest
 import torch
@@ -140,8 +143,8 @@ def _ppo_loss(config, data, rows, logp, dp_size, batch_num_tokens, global_batch_
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss
 
-    keys = ["prompts", "responses", "attention_mask", "response_mask", "old_log_probs", "advantages",
-            "rollout_is_weights"]
+    keys = [k for k in ("prompts", "responses", "attention_mask", "response_mask", "old_log_probs", "advantages",
+                        "rollout_is_weights") if k in data.batch.keys()]
     td = TensorDict({k: data.batch[k][rows] for k in keys}, batch_size=[len(rows)])
     tu.assign_non_tensor(td, dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
     flat = _flat_log_probs(logp[rows], data.batch["attention_mask"][rows], data.batch["prompts"].shape[1])
@@ -262,3 +265,99 @@ def test_grpo_advantage_equals_verls_grpo_on_multi_sample_groups():
     mine, _ = ours.compute_advantage(rewards, mask, index=np.array(uid, dtype=object),
                                      config={"rlcredit_strategy": "grpo"})
     torch.testing.assert_close(mine, theirs.float(), rtol=1e-5, atol=1e-6)
+
+
+# --- loss_mode=rlcredit with cispo/sapo/gmpo/kl_cov/clip_cov == verl's own loss modes -----------------------
+
+# (strategy's policy loss, verl's loss_mode, actor config keys, policy_loss config keys, loss_agg_mode).
+# The actor config matches the strategy's values; both runs get the same config but for loss_mode.
+METHODS = {
+    "cispo": ({"name": "cispo", "clip_low": 0.2, "clip_high": 0.28}, "cispo",
+              {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28}, {}, "token-mean"),
+    "cispo_one_sided": ({"name": "cispo", "clip_high": 0.28, "aggregation": "seq_mean_token_sum_norm"}, "cispo",
+                        {"clip_ratio_low": 1.0, "clip_ratio_high": 0.28, "loss_scale_factor": 8}, {},
+                        "seq-mean-token-sum-norm"),
+    "sapo": ({"name": "sapo", "tau_pos": 0.5, "tau_neg": 2.0}, "sapo", {"tau_pos": 0.5, "tau_neg": 2.0}, {},
+             "seq-mean-token-mean"),
+    "gmpo": ({"name": "gmpo", "clip_low": 0.1, "clip_high": 0.3}, "geo_mean",
+             {"clip_ratio_low": 0.1, "clip_ratio_high": 0.3}, {}, "token-mean"),
+    "kl_cov": ({"name": "kl_cov", "kl_cov_ratio": 0.2, "ppo_kl_coef": 0.5}, "kl_cov", {},
+               {"kl_cov_ratio": 0.2, "ppo_kl_coef": 0.5}, "token-mean"),
+    # clip_cov_ratio = 1: every candidate is cut, so verl's randperm draw and rlcredit's agree exactly.
+    "clip_cov": ({"name": "clip_cov", "clip_cov_ratio": 1.0, "clip_cov_lb": -0.5, "clip_cov_ub": 0.5,
+                  "clip_high": 0.28}, "clip_cov", {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28},
+                 {"clip_cov_ratio": 1.0, "clip_cov_lb": -0.5, "clip_cov_ub": 0.5}, "token-mean"),
+}
+
+
+def _method_config(loss_mode, actor, policy_loss, mode):
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, loss_agg_mode=mode,
+                       policy_loss=PolicyLossConfig(loss_mode=loss_mode, **policy_loss), **actor)
+
+
+def _method_run(method, loss_mode, split, seed):
+    """verl's ppo_loss over the split, with loss_mode (rlcredit or verl's own): per-call losses, metrics, grad."""
+    import warnings
+
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    spec, verl_mode, actor, policy_loss, mode = METHODS[method]
+    data, logp = _rollout_batch(seed)
+    data = compute_advantage(data, adv_estimator="grpo", norm_adv_by_std_in_grpo=True)
+    if method == "gmpo":  # verl's geo_mean turns IS weights into a per-row geometric mean: compare without them
+        data.batch.pop("rollout_is_weights")
+    if method == "kl_cov":  # equal advantages in a micro-batch tie every covariance at 0, and verl's topk breaks
+        # ties in no documented order (rlcredit: the earliest token): a per-token jitter makes the top-k unique
+        jitter = torch.rand(data.batch["advantages"].shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+        data.batch["advantages"] = data.batch["advantages"] + jitter * data.batch["response_mask"]
+    config = _method_config("rlcredit" if loss_mode == "rlcredit" else verl_mode, actor, policy_loss, mode)
+    ranks = SPLITS[split]
+    tokens, rows_total = int(data.batch["response_mask"].sum()), logp.shape[0]
+    leaf = logp.clone().requires_grad_(True)
+    losses, metrics = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the actor config agrees with the strategy: no warning
+        for micro_batches in ranks:
+            for rows in micro_batches:
+                loss, m = _ppo_loss(config, data, rows, leaf, len(ranks), tokens, rows_total)
+                losses.append(loss.float())
+                metrics.append(m)
+    total = torch.stack(losses).sum() / len(ranks)
+    grad, = torch.autograd.grad(total, leaf)
+    return torch.stack(losses), total, grad, metrics
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("seed", range(2))
+def test_rlcredit_loss_mode_equals_verls_own_loss_modes(method, split, seed, monkeypatch):
+    """verl's own ppo_loss: loss_mode=rlcredit with the strategy's cispo/sapo/gmpo/kl_cov/clip_cov equals verl's
+    cispo/sapo/geo_mean/kl_cov/clip_cov at the matching actor config, with IS weights, on the whole mini-batch,
+    4 micro-batches and 2 dp ranks x 2 micro-batches (verl's global batch info = rlcredit's Totals): each call's
+    loss and metrics, and the gradient. verl's geo_mean ignores the global batch info (a mean over the call's
+    rows), so rlcredit's gmpo equals it on the whole batch and, split, adds up to it where verl's would not."""
+    monkeypatch.setenv("RLCREDIT_STRATEGY", json.dumps({"policy_loss": METHODS[method][0]}))
+    monkeypatch.setattr(_actor, "_WARNED", set())
+    losses_r, total_r, grad_r, m_r = _method_run(method, "rlcredit", split, seed)
+    losses_v, total_v, grad_v, m_v = _method_run(method, "verl", split, seed)
+    assert float(grad_v.abs().max()) > 0
+    if method == "gmpo" and split != "whole":
+        sizes = torch.tensor([len(rows) for micro in SPLITS[split] for rows in micro], dtype=torch.float32)
+        torch.testing.assert_close(losses_r, losses_v * sizes / 8 * len(SPLITS[split]), rtol=1e-5, atol=1e-6)
+        _, total_v, grad_v, _ = _method_run(method, "verl", "whole", seed)
+    else:
+        torch.testing.assert_close(losses_r, losses_v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total_r, total_v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_r, grad_v, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(m_r, m_v):
+        assert set(theirs) <= set(mine)  # verl's keys (kl_cov returns only actor/ppo_kl; ours has all three)
+        for key in theirs:
+            if key == "actor/pg_loss" and method == "gmpo" and split != "whole":
+                continue  # the per-call loss value, compared (scaled) above
+            assert abs(float(mine[key]) - float(theirs[key])) <= 1e-5 * (1 + abs(float(theirs[key]))), key
+    if method == "clip_cov":
+        assert any(float(m["actor/pg_clipfrac"]) > 0 for m in m_v)  # tokens were cut
+    if method == "kl_cov":
+        assert float(grad_r.abs().max()) > 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import re
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,7 +48,8 @@ def _load(name: str) -> dict:
 
 def test_every_example_is_tested():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == ["custom_estimator.py", "from_config.py", "mix_methods.py", "own_training_loop.py"]
+    assert scripts == ["custom_estimator.py", "from_config.py", "mix_methods.py", "own_training_loop.py",
+                       "trl_grpo.py", "trl_vppo.py"]
 
 
 def test_own_training_loop(capsys):
@@ -105,3 +109,55 @@ def test_examples_run_as_scripts(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["from_config.py", "--quick"])
     runpy.run_path(str(EXAMPLES / "from_config.py"), run_name="__main__")
     assert "kept" in capsys.readouterr().out
+
+
+# --- TRL (the `trl` extra) -------------------------------------------------------------------
+
+
+def test_trl_grpo(tmp_path, capsys):
+    """Entropy forks through CreditGRPOTrainer on a tiny Qwen2: 2 steps; the kept tokens are TRL's 80/20 rule."""
+    pytest.importorskip("trl")
+    trainer = _load("trl_grpo.py")["main"](["--quick", "--output-dir", str(tmp_path)])
+    assert trainer.state.global_step == 2
+    out = capsys.readouterr().out
+    assert "'scope': 'batch', 'score': 'entropy'" in out and out.count("step ") == 2
+    rollout, credit = trainer.last_rollout, trainer.last_credit
+    mask, entropy = rollout.response_mask, rollout.signals["entropy"]
+    tau = torch.quantile(entropy[mask], 0.8)  # the top 20% of the batch's valid tokens, ties kept
+    assert torch.equal(credit.token_weights, ((entropy >= tau) & mask).float())
+    assert 0 < float(credit.metrics["kept_tokens"]) < float(mask.sum())
+
+
+def test_trl_vppo(tmp_path, capsys):
+    """VPPO through CreditGRPOTrainer on a tiny Qwen2.5-VL with images: pixel inputs reach the strategy, the
+    visual scores are a real second forward (> 0, 0 on padding), TGF keeps ceil(0.4 T_i) tokens of each response
+    (the highest-scoring ones), and the only warning is the entropy penalty TRL cannot run."""
+    pytest.importorskip("trl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _load("trl_vppo.py")["main"](["--quick", "--output-dir", str(tmp_path)])
+    ours = [str(w.message) for w in caught if "CreditGRPOTrainer" in str(w.message)]
+    assert len(ours) == 1 and "entropy penalty" in ours[0]
+    assert trainer.state.global_step == 2 and capsys.readouterr().out.count("step ") == 2
+    rollout, credit = trainer.last_rollout, trainer.last_credit
+    mask, inputs = rollout.response_mask, rollout.model_inputs
+    assert {"pixel_values", "image_grid_thw"} <= set(inputs) and inputs["image_grid_thw"].shape[0] == mask.shape[0]
+    visual, weights = credit.scores["visual"], credit.token_weights
+    assert float(visual[mask].max()) > 0 and torch.all(visual >= 0) and torch.all(visual[~mask] == 0)
+    for row in range(mask.shape[0]):
+        n = int(mask[row].sum())
+        kept = weights[row].bool()
+        assert int(kept.sum()) == math.ceil(0.4 * n)
+        if 0 < int(kept.sum()) < n:
+            assert float(visual[row][kept].min()) >= float(visual[row][mask[row] & ~kept].max())
+
+
+@pytest.mark.parametrize("name", ["trl_grpo.py", "trl_vppo.py"])
+def test_trl_docs_show_the_examples_recipes(name):
+    """docs/integrations/trl.md shows each example's recipe block verbatim: the docs' code is the code the tests run."""
+    source = (EXAMPLES / name).read_text()
+    recipe = re.search(r"# --- recipe \(docs/integrations/trl.md\) ---\n(.*?)# --- end of recipe ---", source, re.S)
+    assert recipe is not None
+    page = (EXAMPLES.parent / "docs" / "integrations" / "trl.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert recipe.group(1).strip() in [b.strip() for b in blocks]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import warnings
 
+import attrs
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import rlcredit
 from rlcredit.errors import SpecError
 from rlcredit.integrations import verl as V
 from tests.test_verl import MODES, verl_agg_loss, verl_mod  # noqa: F401  (verl_mod: a fixture)
@@ -169,17 +171,84 @@ def test_policy_loss_rejects_what_verl_cannot_feed(verl_mod):
         verl_mod.compute_policy_loss(*args, "token-sum", {"rlcredit_strategy": "dr_grpo"})
 
 
-@pytest.mark.parametrize("name", ["cispo", "sapo", "kl_cov"])
+@pytest.mark.parametrize("name", ["cispo", "sapo", "kl_cov", "gmpo", "clip_cov"])
 def test_other_losses_run_their_own_values_with_verls_metric_keys(name):
-    """Losses verl's actor config does not describe run the strategy's values; the three keys are there."""
+    """Losses verl's actor config does not describe run the strategy's values; the three keys are there,
+    with the formulas of the verl loss mode each equals (kl_cov's ppo_kl is mean |log rho|)."""
     mask = torch.tensor([[True, True, True], [True, True, False]])
     logp = torch.full((2, 3), 0.5, requires_grad=True)
     config = {"rlcredit_strategy": {"policy_loss": name}, "clip_ratio": 0.1, "clip_ratio_c": 2.0}
-    mode = {"sapo": "seq-mean-token-mean"}.get(name, "token-mean")
+    mode = {"sapo": "seq-mean-token-mean", "gmpo": "seq-mean-token-mean"}.get(name, "token-mean")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the aggregation agrees: nothing to warn about
         loss, metrics = V.compute_policy_loss(torch.zeros(2, 3), logp, torch.ones(2, 3), mask, mode, config)
     assert V.verl_policy_loss(None, config, mode) == V.resolve_strategy(config).policy_loss  # unchanged
     assert {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"} <= set(metrics)
-    torch.testing.assert_close(metrics["actor/ppo_kl"], torch.tensor(-0.5))
+    torch.testing.assert_close(metrics["actor/ppo_kl"], torch.tensor(0.5 if name == "kl_cov" else -0.5))
+    if name == "gmpo":  # log rho = 0.5 > clip_high 0.4 on every token with A > 0: all clipped (geo_mean's formula)
+        assert float(metrics["actor/pg_clipfrac"]) == 1.0
     assert torch.isfinite(loss) and float(metrics["actor/pg_clipfrac_lower"]) == 0.0
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+
+
+SPLITS = {"micro": [[[0, 1], [2], [3, 4]]], "dp": [[[0], [1, 2]], [[3], [4]]]}  # rows per rank, per micro-batch
+
+
+@pytest.mark.parametrize("name", ["clipped_surrogate", "gspo", "cispo", "sapo", "gmpo"])
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_every_loss_adds_up_over_micro_batches_and_ranks_with_global_batch_info(name, split):
+    """verl's global batch info = rlcredit's Totals: the per-call losses (times 1/R, DDP's mean over ranks) add
+    up to the strategy's own loss on the whole mini-batch, gradients included. (kl_cov and clip_cov select tokens
+    per call, in verl as here, so they do not add up; scripts/verl_contract_test.py checks them per call.)"""
+    g = torch.Generator().manual_seed(5)
+    B, T = 5, 4
+    mask = torch.arange(T)[None] < torch.tensor([4, 2, 3, 1, 4])[:, None]
+    old = torch.where(mask, -torch.rand(B, T, generator=g) * 2, 0.0)
+    logp = torch.where(mask, old + torch.randn(B, T, generator=g) * 0.3, 0.0).requires_grad_(True)
+    adv = torch.where(mask, torch.randn(B, T, generator=g), 0.0)
+    weights = torch.where(mask, torch.rand(B, T, generator=g) * 2, 0.0)
+    spec = {"policy_loss": name}
+    strategy = V.resolve_strategy({"rlcredit_strategy": spec})
+    r = rlcredit.Rollout(mask, torch.zeros(B), torch.arange(B), old_logprobs=old)
+    credit = rlcredit.Credit({}, weights, adv)
+    whole = strategy.loss(logp, r, credit).loss
+    ranks = SPLITS[split]
+    info = {"dp_size": len(ranks), "batch_num_tokens": int(mask.sum()), "global_batch_size": B}
+    agg = {"gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "gmpo": "seq-mean-token-mean"}
+    config = {"rlcredit_strategy": spec, "global_batch_info": info, "clip_ratio_c": 10.0,
+              **({"clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4} if name == "gspo" else {})}
+    total = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the config agrees with the strategy
+        for micro_batches in ranks:
+            for rows in micro_batches:
+                loss, _ = V.compute_policy_loss(old[rows], logp[rows], adv[rows], mask[rows],
+                                                agg.get(name, "token-mean"), config, weights[rows])
+                total = total + loss / len(ranks)
+    if name == "clipped_surrogate":  # verl's dual clip (clip_ratio_c=10) runs: the whole-batch reference has it too
+        whole = rlcredit.build({"policy_loss": {"name": name, "dual_clip": 10.0}}).loss(logp, r, credit).loss
+    _assert_same(total, whole, logp)
+
+
+def test_papo_and_losses_verl_cannot_feed_raise_at_resolution():
+    """papo reads aux (with any surrogate: a seq-mean one too), masked='signal' a signal: a SpecError saying what to do,
+    from verl_policy_loss, before anything runs."""
+    for spec in ("papo", {"policy_loss": {"name": "papo", "surrogate": {"name": "clipped_surrogate",
+                                                                     "aggregation": "seq_mean_token_mean"}}}):
+        with pytest.raises(SpecError, match=r"aux\['masked_logprobs'\].*ppo_loss.*strategy.loss\(\.\.\., aux=\.\.\.\)"):
+            V.verl_policy_loss(spec, {})
+    with pytest.raises(SpecError, match=r"rollout.signals\['aug_logprobs'\]"):
+        V.verl_policy_loss({"policy_loss": {"name": "papo", "masked": "signal"}}, {})
+    with pytest.raises(SpecError, match="does not take"):
+        V.verl_policy_loss(rlcredit.Strategy(policy_loss=_NoTotals()), {})
+
+
+@attrs.frozen
+class _NoTotals:
+    """A plugin loss that aggregates its own rows only (no ``totals=``)."""
+
+    requires = ()
+
+    def __call__(self, logprobs, rollout, credit, *, reducer=None):
+        return rlcredit.LossOutput(-(credit.token_advantages() * logprobs).sum(), {})

@@ -31,7 +31,13 @@ clip range, aggregation, dual clip, ratio level, KL, entropy penalty) and its sh
 ``scale_rewards`` are reported as warnings at construction (``check_trl_args``): TRL's loss,
 configured by ``GRPOConfig``, is what runs. ``trl_config_kwargs`` turns a strategy into the
 matching ``GRPOConfig`` arguments (``dual_clip`` -> ``delta``, TRL's dual clip;
-``kl_bias_correction`` -> ``use_bias_correction_kl``; the shaper chain -> ``scale_rewards``).
+``kl_bias_correction`` -> ``use_bias_correction_kl``; ``cispo`` -> ``loss_type="cispo"`` with
+``epsilon_high = 1 + clip_high``; ``sapo`` -> ``loss_type="sapo"`` with its temperatures; the
+shaper chain -> ``scale_rewards``). A policy loss TRL has no ``loss_type`` for (``gmpo``,
+``kl_cov``, ``clip_cov``, ``papo``) raises a ``SpecError`` at construction, unless a subclass's
+``_compute_loss`` runs the strategy's own loss; a strategy that reads images raises with a
+text-only model. Runnable recipes: ``examples/trl_grpo.py`` (text) and ``examples/trl_vppo.py``
+(a VLM with images).
 
 Examples:
     >>> from rlcredit.integrations.trl import loss_type_for, trl_config_kwargs

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rlcredit.errors import SpecError
-from rlcredit.losses import GSPO, ClippedSurrogate
+from rlcredit.losses import CISPO, GSPO, SAPO, ClippedSurrogate
 from rlcredit.shapers import BatchNormalize, GroupCenter, GroupNormalize
 from rlcredit.specs import build
 from rlcredit.strategy import Strategy
@@ -85,6 +85,23 @@ def _clipped(loss: Any) -> ClippedSurrogate | None:
     return loss if isinstance(loss, ClippedSurrogate) else None
 
 
+def _trl_form(loss: Any) -> ClippedSurrogate | CISPO | SAPO | None:
+    """The strategy's loss as one TRL computes (a clipped surrogate, CISPO or SAPO), else None."""
+    return loss if isinstance(loss, (CISPO, SAPO)) else _clipped(loss)
+
+
+def _no_trl_loss(loss: Any, who: str) -> SpecError:
+    name = type(loss).__name__
+    return SpecError(
+        f"{who}: TRL 1.16 has no loss_type that computes the strategy's policy loss {name} (TRL runs clipped "
+        f"surrogates, cispo and sapo). CreditGRPOTrainer runs TRL's own loss, so training would silently use TRL's "
+        f"loss_type instead of {name}. To train with {name}: override CreditGRPOTrainer._compute_loss to return "
+        f"strategy.loss(...) (the recipe in docs/methods/papo.md, 'Supplying aux from a trainer'), or use verl "
+        f"(loss_mode=rlcredit) or your own loop (examples/own_training_loop.py). To keep only this strategy's credit "
+        f"with one of TRL's losses, replace its policy loss, e.g. rlcredit.build(spec, policy_loss='clipped_surrogate')."
+    )
+
+
 def scale_rewards_for(strategy: Strategy) -> str | None:
     """TRL's ``scale_rewards`` whose advantages the strategy's shaper chain starts with, or None.
 
@@ -123,9 +140,12 @@ def trl_config_kwargs(credit: Any) -> dict[str, Any]:
     the dual clip ``min(l, -c A)`` when ``c > 1 + clip_high``), ``ratio="sequence"`` ->
     ``importance_sampling_level="sequence"``, ``max_length`` -> ``max_completion_length``; with
     ``kl_coef > 0``, ``kl_bias_correction`` -> ``use_bias_correction_kl`` (TRL defaults to True,
-    rlcredit to False). From the shapers: ``scale_rewards`` (``scale_rewards_for``), when the
-    chain starts with one of TRL's. ``entropy_penalty`` has no TRL equivalent (a warning at
-    trainer construction says so).
+    rlcredit to False). From ``cispo`` (``clip_low=None``, ``token_mean``): ``loss_type="cispo"``
+    and ``epsilon_high = 1 + clip_high`` (TRL's absolute cap). From ``sapo``
+    (``seq_mean_token_mean``): ``loss_type="sapo"``, ``sapo_temperature_pos = tau_pos``,
+    ``sapo_temperature_neg = tau_neg``. From the shapers: ``scale_rewards``
+    (``scale_rewards_for``), when the chain starts with one of TRL's. ``entropy_penalty`` has no
+    TRL equivalent (a warning at trainer construction says so).
 
     Args:
         credit: a preset name, a spec dict or file, or a ``rlcredit.Strategy``.
@@ -134,7 +154,10 @@ def trl_config_kwargs(credit: Any) -> dict[str, Any]:
         A dict to splat into ``trl.GRPOConfig(...)``.
 
     Raises:
-        SpecError: the strategy's policy loss is not a clipped surrogate.
+        SpecError: the strategy's policy loss has no TRL ``loss_type`` (``gmpo``, ``kl_cov``,
+            ``clip_cov``, ``papo``, a plugin), or a ``cispo``/``sapo`` that TRL's cannot be
+            (``cispo`` with a lower bound ``clip_low`` or another aggregation than ``token_mean``,
+            ``sapo`` with another aggregation than ``seq_mean_token_mean``).
 
     Examples:
         >>> from rlcredit.integrations.trl import trl_config_kwargs
@@ -142,28 +165,48 @@ def trl_config_kwargs(credit: Any) -> dict[str, Any]:
         {'loss_type': 'dr_grpo', 'epsilon': 0.2, 'epsilon_high': 0.2, 'beta': 0.0, 'scale_rewards': 'none'}
         >>> trl_config_kwargs({"policy_loss": {"name": "clipped_surrogate", "dual_clip": 3.0, "kl_coef": 0.04}})
         {'loss_type': 'dapo', 'epsilon': 0.2, 'epsilon_high': 0.2, 'beta': 0.04, 'delta': 3.0, 'use_bias_correction_kl': False, 'scale_rewards': 'group'}
+        >>> trl_config_kwargs("cispo")
+        {'loss_type': 'cispo', 'epsilon_high': 1.28, 'beta': 0.0, 'scale_rewards': 'group'}
+        >>> trl_config_kwargs("sapo")
+        {'loss_type': 'sapo', 'sapo_temperature_pos': 1.0, 'sapo_temperature_neg': 1.05, 'beta': 0.0, 'scale_rewards': 'group'}
     """
     strategy = _as_strategy(credit)
-    loss = _clipped(strategy.policy_loss)
+    loss = _trl_form(strategy.policy_loss)
     if loss is None:
-        raise SpecError(
-            f"trl_config_kwargs maps a 'clipped_surrogate' (or 'gspo') policy loss onto GRPOConfig; this strategy's "
-            f"policy loss is {type(strategy.policy_loss).__name__}. Set GRPOConfig's loss_type/epsilon/beta yourself."
-        )
-    out: dict[str, Any] = {
-        "loss_type": loss_type_for(loss.aggregation),
-        "epsilon": float(loss.clip_low),
-        "epsilon_high": float(loss.clip_high),
-        "beta": float(loss.kl_coef),
-    }
-    if loss.dual_clip is not None:
-        out["delta"] = float(loss.dual_clip)
-    if loss.ratio == "sequence":
-        out["importance_sampling_level"] = "sequence"
-    if loss.kl_coef > 0:
-        out["use_bias_correction_kl"] = bool(loss.kl_bias_correction)
-    if loss.max_length is not None:
-        out["max_completion_length"] = int(loss.max_length)
+        raise _no_trl_loss(strategy.policy_loss, "trl_config_kwargs")
+    out: dict[str, Any]
+    if isinstance(loss, CISPO):
+        if loss.clip_low is not None or loss.aggregation != "token_mean":
+            raise SpecError(
+                f"trl_config_kwargs: TRL's loss_type='cispo' caps the weight only above (at epsilon_high) and divides "
+                f"by the generation batch's token count; the strategy's cispo has clip_low={loss.clip_low!r} and "
+                f"aggregation={loss.aggregation!r}. Set clip_low=None and aggregation='token_mean' (the paper's form), "
+                f"or run it under verl (loss_mode=rlcredit), whose cispo has both bounds and every aggregation."
+            )
+        out = {"loss_type": "cispo", "epsilon_high": 1.0 + float(loss.clip_high), "beta": 0.0}
+    elif isinstance(loss, SAPO):
+        if loss.aggregation != "seq_mean_token_mean":
+            raise SpecError(
+                f"trl_config_kwargs: TRL's loss_type='sapo' aggregates with 'seq_mean_token_mean'; the strategy's "
+                f"sapo has aggregation={loss.aggregation!r}. Set aggregation='seq_mean_token_mean' (the default)."
+            )
+        out = {"loss_type": "sapo", "sapo_temperature_pos": float(loss.tau_pos),
+               "sapo_temperature_neg": float(loss.tau_neg), "beta": 0.0}
+    else:
+        out = {
+            "loss_type": loss_type_for(loss.aggregation),
+            "epsilon": float(loss.clip_low),
+            "epsilon_high": float(loss.clip_high),
+            "beta": float(loss.kl_coef),
+        }
+        if loss.dual_clip is not None:
+            out["delta"] = float(loss.dual_clip)
+        if loss.ratio == "sequence":
+            out["importance_sampling_level"] = "sequence"
+        if loss.kl_coef > 0:
+            out["use_bias_correction_kl"] = bool(loss.kl_bias_correction)
+        if loss.max_length is not None:
+            out["max_completion_length"] = int(loss.max_length)
     scale = scale_rewards_for(strategy)
     if scale is not None:
         out["scale_rewards"] = scale
@@ -224,32 +267,120 @@ def _check_loss_form(loss: ClippedSurrogate, args: Any, loss_type: str, strategy
     return msgs
 
 
-def check_trl_args(strategy: Strategy, args: Any) -> list[str]:
+def _check_gated_form(loss: CISPO | SAPO, args: Any, loss_type: str) -> list[str]:
+    """Messages on a cispo/sapo loss vs ``args``: the loss type, its bound or temperatures, ratio level, KL."""
+    want = "cispo" if isinstance(loss, CISPO) else "sapo"
+    name = type(loss).__name__
+    msgs: list[str] = []
+    if loss_type != want:
+        return [
+            f"loss type: the strategy's {name} is TRL's loss_type={want!r} but GRPOConfig.loss_type={loss_type!r}; "
+            f"TRL's loss_type is what runs. Pass GRPOConfig(**rlcredit.integrations.trl.trl_config_kwargs(credit)) "
+            f"to match."
+        ]
+    if isinstance(loss, CISPO):
+        eps_high = getattr(args, "epsilon_high", None)
+        cap = float(getattr(args, "epsilon", 0.2) if eps_high is None else eps_high)
+        if abs(cap - (1.0 + loss.clip_high)) > 1e-12:
+            msgs.append(
+                f"cispo cap: the strategy caps the weight at 1 + clip_high = {1.0 + loss.clip_high} but TRL's cispo "
+                f"caps it at GRPOConfig.epsilon_high = {cap} (the absolute cap, not 1 + epsilon_high); TRL's is used."
+            )
+        if loss.clip_low is not None:
+            msgs.append(
+                f"cispo lower bound: TRL's cispo has no lower bound; the strategy's clip_low={loss.clip_low} is not "
+                f"applied (keep clip_low=None, or use verl for a two-sided cispo)."
+            )
+        if loss.aggregation != "token_mean":
+            msgs.append(f"aggregation: TRL's cispo aggregates as 'token_mean', the strategy's cispo as "
+                        f"{loss.aggregation!r}; TRL's is used.")
+    else:
+        temps = (float(getattr(args, "sapo_temperature_pos", 1.0)), float(getattr(args, "sapo_temperature_neg", 1.05)))
+        if abs(temps[0] - loss.tau_pos) > 1e-12 or abs(temps[1] - loss.tau_neg) > 1e-12:
+            msgs.append(
+                f"sapo temperatures: the strategy has tau_pos={loss.tau_pos}, tau_neg={loss.tau_neg} but GRPOConfig "
+                f"has sapo_temperature_pos={temps[0]}, sapo_temperature_neg={temps[1]}; TRL's are used."
+            )
+        if loss.aggregation != "seq_mean_token_mean":
+            msgs.append(f"aggregation: TRL's sapo aggregates as 'seq_mean_token_mean', the strategy's sapo as "
+                        f"{loss.aggregation!r}; TRL's is used.")
+    level = getattr(args, "importance_sampling_level", "token")
+    if level != "token":
+        msgs.append(f"importance sampling: the strategy's {name} uses a token ratio but "
+                    f"GRPOConfig.importance_sampling_level={level!r}; TRL's is what runs.")
+    beta = float(getattr(args, "beta", 0.0))
+    if beta:
+        msgs.append(f"kl: the strategy's {name} has no KL term but GRPOConfig.beta={beta}; TRL's beta is used.")
+    return msgs
+
+
+def _check_clipped(clipped: ClippedSurrogate, args: Any, loss_type: str, strategy: Strategy) -> list[str]:
+    """Messages on a clipped surrogate vs ``args``: aggregation, loss form, clips, KL, entropy penalty, max length."""
+    msgs: list[str] = []
+    agg = clipped.aggregation
+    if LOSS_TYPES.get(loss_type) != agg:
+        msgs.append(
+            f"aggregation: the strategy aggregates with {agg!r} (TRL loss_type={loss_type_for(agg)!r}) but "
+            f"GRPOConfig.loss_type={loss_type!r} aggregates as {LOSS_TYPES.get(loss_type, '?')!r}; TRL's "
+            f"loss_type is what runs. Pass GRPOConfig(**rlcredit.integrations.trl.trl_config_kwargs(credit)) "
+            f"to match."
+        )
+    if loss_type not in _CLIPPED:
+        msgs.append(
+            f"loss form: GRPOConfig.loss_type={loss_type!r} is not a clipped surrogate, so the strategy's "
+            f"clip_low/clip_high/dual_clip do not apply (token weights still fold in exactly)."
+        )
+    msgs += _check_loss_form(clipped, args, loss_type, strategy)
+    if clipped.entropy_penalty:
+        msgs.append(
+            f"entropy penalty: TRL has no -log pi penalty; the strategy's entropy_penalty="
+            f"{clipped.entropy_penalty} is ignored (TRL's entropy_coef is a bonus on the true entropy, a "
+            f"different term)."
+        )
+    max_length = clipped.max_length
+    if max_length is not None and loss_type == "dr_grpo" and max_length != getattr(args, "max_completion_length", None):
+        msgs.append(
+            f"max length: the strategy normalises by max_length={max_length} but TRL's dr_grpo uses "
+            f"max_completion_length={args.max_completion_length}."
+        )
+    return msgs
+
+
+def check_trl_args(strategy: Strategy, args: Any, *, strategy_loss: bool = False) -> list[str]:
     """Check a strategy against a ``GRPOConfig``: raise on impossible combinations, list the odd ones.
 
     Raises for ``use_liger_kernel=True`` (rlcredit folds credit into ``[B, T]`` advantages and
-    supports only TRL's own loss path) and for ``renormalize=True`` with a ``loss_type`` whose
+    supports only TRL's own loss path), for ``renormalize=True`` with a ``loss_type`` whose
     denominator is not a token count of whole rows (``grpo``, ``sapo``) or of the whole generation
     batch (``dapo``, ``cispo``, ``vespo``): only those let a kept-weight denominator be folded into
-    the weights. Returns a message for each inconsistency that TRL will silently resolve its own
-    way: aggregation vs ``loss_type``; clip range vs ``epsilon``/``epsilon_high``; ``dual_clip``
-    vs ``delta`` (and a ``delta <= 1 + epsilon_high``, where the two differ); the ratio vs
-    ``importance_sampling_level`` (and token weights under a sequence ratio); ``kl_coef`` vs
-    ``beta`` and ``kl_bias_correction`` vs ``use_bias_correction_kl``; ``entropy_penalty`` (no TRL
-    equivalent); ``max_length`` vs ``max_completion_length``; ``top_entropy_quantile < 1`` (TRL's
-    own entropy mask is then applied on top of the strategy's weights); reward scaling
-    (``scale_rewards_for`` vs ``scale_rewards``) and multi-objective aggregation (the strategy's
-    shapers replace TRL's advantages).
+    the weights, and for a policy loss TRL has no ``loss_type`` for (``gmpo``, ``kl_cov``,
+    ``clip_cov``, ``papo``, a plugin loss): TRL's loss would silently run in its place, so the
+    error says how to run it instead. Returns a message for each inconsistency that TRL will
+    silently resolve its own way: aggregation vs ``loss_type``; clip range vs
+    ``epsilon``/``epsilon_high``; ``dual_clip`` vs ``delta`` (and a ``delta <= 1 +
+    epsilon_high``, where the two differ); the ratio vs ``importance_sampling_level`` (and token
+    weights under a sequence ratio); ``kl_coef`` vs ``beta`` and ``kl_bias_correction`` vs
+    ``use_bias_correction_kl``; for ``cispo``/``sapo``: ``loss_type``, ``1 + clip_high`` vs
+    ``epsilon_high`` (TRL's absolute cap), a ``clip_low`` (TRL's cispo has no lower bound), the
+    temperatures vs ``sapo_temperature_pos/neg``, a sequence ratio, ``beta > 0``;
+    ``entropy_penalty`` (no TRL equivalent); ``max_length`` vs ``max_completion_length``;
+    ``top_entropy_quantile < 1`` (TRL's own entropy mask is then applied on top of the strategy's
+    weights); reward scaling (``scale_rewards_for`` vs ``scale_rewards``) and multi-objective
+    aggregation (the strategy's shapers replace TRL's advantages).
 
     Args:
         strategy: the ``rlcredit.Strategy``.
         args: a ``trl.GRPOConfig``.
+        strategy_loss: True when the strategy's own loss runs instead of TRL's (a subclass of
+            ``CreditGRPOTrainer`` that overrides ``_compute_loss`` to return ``strategy.loss``; the
+            trainer detects it): the loss checks are skipped, the credit checks stay.
 
     Returns:
         A list of warning messages (empty when consistent).
 
     Raises:
-        SpecError: ``use_liger_kernel=True``, or ``renormalize=True`` with another ``loss_type``.
+        SpecError: ``use_liger_kernel=True``, ``renormalize=True`` with another ``loss_type``, or a
+            policy loss TRL has no ``loss_type`` for (unless ``strategy_loss``).
 
     Examples:
         >>> import types, rlcredit
@@ -275,39 +406,14 @@ def check_trl_args(strategy: Strategy, args: Any) -> list[str]:
             f"{', '.join(map(repr, _RENORMALIZABLE))}, or renormalize=False."
         )
     msgs: list[str] = []
-    clipped = _clipped(loss)
-    if clipped is None:
-        msgs.append(
-            f"policy loss: the strategy's {type(loss).__name__} is not used by TRL; only its credit (token weights "
-            f"and advantages) is. TRL's loss_type={loss_type!r} runs."
-        )
-    else:
-        agg = clipped.aggregation
-        if LOSS_TYPES.get(loss_type) != agg:
-            msgs.append(
-                f"aggregation: the strategy aggregates with {agg!r} (TRL loss_type={loss_type_for(agg)!r}) but "
-                f"GRPOConfig.loss_type={loss_type!r} aggregates as {LOSS_TYPES.get(loss_type, '?')!r}; TRL's "
-                f"loss_type is what runs. Pass GRPOConfig(**rlcredit.integrations.trl.trl_config_kwargs(credit)) "
-                f"to match."
-            )
-        if loss_type not in _CLIPPED:
-            msgs.append(
-                f"loss form: GRPOConfig.loss_type={loss_type!r} is not a clipped surrogate, so the strategy's "
-                f"clip_low/clip_high/dual_clip do not apply (token weights still fold in exactly)."
-            )
-        msgs += _check_loss_form(clipped, args, loss_type, strategy)
-        if clipped.entropy_penalty:
-            msgs.append(
-                f"entropy penalty: TRL has no -log pi penalty; the strategy's entropy_penalty="
-                f"{clipped.entropy_penalty} is ignored (TRL's entropy_coef is a bonus on the true entropy, a "
-                f"different term)."
-            )
-        max_length = clipped.max_length
-        if max_length is not None and loss_type == "dr_grpo" and max_length != getattr(args, "max_completion_length", None):
-            msgs.append(
-                f"max length: the strategy normalises by max_length={max_length} but TRL's dr_grpo uses "
-                f"max_completion_length={args.max_completion_length}."
-            )
+    if not strategy_loss:  # else the strategy's own loss runs: nothing of TRL's loss configuration applies
+        form = _trl_form(loss)
+        if form is None:
+            raise _no_trl_loss(loss, "CreditGRPOTrainer")
+        if isinstance(form, (CISPO, SAPO)):
+            msgs += _check_gated_form(form, args, loss_type)
+        else:
+            msgs += _check_clipped(form, args, loss_type, strategy)
     if float(getattr(args, "top_entropy_quantile", 1.0)) < 1.0:
         msgs.append(
             f"entropy mask: GRPOConfig.top_entropy_quantile={args.top_entropy_quantile} makes TRL multiply its own "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -13,8 +14,9 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.distributed import TorchDistributedReducer
 from rlcredit.integrations.trl._config import _as_strategy, check_trl_args
+from rlcredit.errors import SpecError
 from rlcredit.policy import HFPolicy
-from rlcredit.requirements import Field, Requirement, Signal, leaves
+from rlcredit.requirements import POLICY, Field, Requirement, Signal, leaves, requirements_of
 from rlcredit.rollout import Credit, Rollout
 from rlcredit.strategy import Strategy
 
@@ -41,6 +43,31 @@ def _reads(strategy: Strategy, target: Requirement) -> bool:
     return any(target in leaves(req) for req in strategy.requirements)
 
 
+def _parts(strategy: Strategy) -> list[tuple[str, Any]]:
+    """``(who, component)`` for the strategy's estimators, weighter, shapers and policy loss."""
+    parts = [(f"estimator {name!r}", est) for name, est in strategy.estimators.items()]
+    parts.append((f"weighter {type(strategy.weighter).__name__}", strategy.weighter))
+    return parts + [(f"shaper {type(s).__name__}", s) for s in strategy.shapers] \
+        + [(f"policy_loss {type(strategy.policy_loss).__name__}", strategy.policy_loss)]
+
+
+def _trl_view(beta: float) -> Any:
+    """What the trainer gives every strategy, as a stand-in rollout for requirement checks: old log-probs,
+    entropies, model inputs, completion ids, and reference log-probs when ``beta > 0`` (never precomputed
+    perturbed-image signals such as ``aug_logprobs``)."""
+    return types.SimpleNamespace(old_logprobs=True, ref_logprobs=True if beta else None, model_inputs=True,
+                                 response_ids=True, signals={"entropy": True})
+
+
+_ZERO_KEPT = (
+    "CreditGRPOTrainer: the strategy's token weights kept no token of a generation batch (rlcredit/kept_tokens = 0): "
+    "the policy loss is 0 there and that step trains nothing. Its weighter ({weighter}) selected nothing, e.g. an "
+    "intersect of masks that never overlap (digits AND the top-20% entropy tokens). Loosen it (a union, a larger "
+    "fraction) and watch rlcredit/kept_fraction; see 'A strategy that keeps no token' in docs/troubleshooting.md. "
+    "(Shown once; the metric records every batch.)"
+)
+
+
 class CreditGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` with a credit-assignment strategy: ``credit=`` is the only new argument.
 
@@ -65,11 +92,16 @@ class CreditGRPOTrainer(GRPOTrainer):
             advantages ``[B]`` or ``[B, T]``).
 
     Raises:
-        SpecError: a bad ``credit``, ``use_liger_kernel=True``, or ``renormalize=True`` with a
-            ``loss_type`` it cannot be folded into (see ``check_trl_args``).
+        SpecError: a bad ``credit``, ``use_liger_kernel=True``, ``renormalize=True`` with a
+            ``loss_type`` it cannot be folded into, a policy loss TRL has no ``loss_type`` for (see
+            ``check_trl_args``; a subclass whose ``_compute_loss`` runs the strategy's own loss is
+            exempt), or a strategy that reads images (``vppo``, ``vppo_paper``, ``at_rl``: a
+            component of ``rlcredit_mm`` that needs the policy) with a text-only model.
 
-    Logged metrics: ``rlcredit/kept_fraction``, ``rlcredit/weight_mean``,
-    ``rlcredit/advantage_abs_mean`` and ``rlcredit/score/NAME``.
+    Logged metrics (the mean over processes): ``rlcredit/kept_tokens`` (valid tokens with weight
+    > 0), ``rlcredit/kept_fraction``, ``rlcredit/weight_mean``, ``rlcredit/advantage_abs_mean``
+    and ``rlcredit/score/NAME``. A generation batch whose weights keep no token on any process
+    also warns (once), at the metrics gather TRL already does: no extra host sync.
 
     Examples:
         >>> from rlcredit.integrations.trl import CreditGRPOTrainer
@@ -79,14 +111,18 @@ class CreditGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, credit: Any = "grpo", **kwargs: Any) -> None:
         strategy = _as_strategy(credit)
+        # A subclass whose _compute_loss runs the strategy's own loss (the PAPO recipe) needs no TRL loss_type.
+        own_loss = type(self)._compute_loss is not GRPOTrainer._compute_loss
         grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         if grpo_args is not None:
-            check_trl_args(strategy, grpo_args)  # fail before loading anything
+            check_trl_args(strategy, grpo_args, strategy_loss=own_loss)  # fail before loading anything
         super().__init__(*args, **kwargs)
         self.credit_strategy = strategy
-        for msg in check_trl_args(strategy, self.args):
+        for msg in check_trl_args(strategy, self.args, strategy_loss=own_loss):
             warnings.warn(f"CreditGRPOTrainer: {msg}", UserWarning, stacklevel=2)
         self._credit_policy: HFPolicy | None = None
+        self._check_model_sees_images(strategy)
+        self._credit_warned_zero_kept = False
         self._credit_reducer: TorchDistributedReducer | None = None
         self._credit_rewards_per_func: Tensor | None = None
         self.last_rollout: Rollout | None = None
@@ -134,13 +170,39 @@ class CreditGRPOTrainer(GRPOTrainer):
             self._credit_reducer = TorchDistributedReducer()
         return self._credit_reducer
 
+    def _new_policy(self) -> HFPolicy:
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            model = model.get_base_model()  # LoRA layers live in the base model's modules
+        return HFPolicy(model)
+
     def _credit_policy_handle(self) -> HFPolicy:
-        if self._credit_policy is None:
-            model = self.accelerator.unwrap_model(self.model)
-            if is_peft_model(model):
-                model = model.get_base_model()  # LoRA layers live in the base model's modules
-            self._credit_policy = HFPolicy(model)
+        if self._credit_policy is None:  # built at the first training step, after accelerate prepared the model
+            self._credit_policy = self._new_policy()
         return self._credit_policy
+
+    def _check_model_sees_images(self, strategy: Strategy) -> None:
+        """Fail at construction when a part that reads images (an ``rlcredit_mm`` component needing the policy)
+        meets a text-only model, instead of at the first training step."""
+        view = _trl_view(float(self.args.beta))
+        readers = [(who, req) for who, part in _parts(strategy) for req in requirements_of(part, who)
+                   if type(part).__module__.split(".")[0] == "rlcredit_mm"
+                   and not req.met(view, None) and req.met(view, POLICY)]
+        if not readers:
+            return
+        policy = self._new_policy()  # resolves the model's adapter (None: a text-only model)
+        if policy.adapter is not None:
+            return
+        model = policy.model
+        who, req = readers[0]
+        raise SpecError(
+            f"CreditGRPOTrainer: the strategy needs a vision-language model: its {who} requires {req.describe()}, "
+            f"which under TRL only the trainer's model can give, by a forward on the prompt's (perturbed) images. "
+            f"The model ({type(model).__name__}, model_type {getattr(model.config, 'model_type', '?')!r}) is "
+            f"text-only (no vision_config). Use a VLM rlcredit_mm supports (Qwen2-VL, Qwen2.5-VL, LLaVA, Idefics3, "
+            f"Gemma 3...) with its processor as processing_class and an 'image' column in the dataset "
+            f"(examples/trl_vppo.py), or a text strategy such as 'entropy_forks'."
+        )
 
     def _renormalized(self, weights: Tensor, mask: Tensor, num_items: Tensor, reducer: Any) -> Tensor:
         """Weights ``w * n / sum(w)`` so that TRL's valid-token denominator ``n`` becomes ``sum(w)``.
@@ -203,6 +265,7 @@ class CreditGRPOTrainer(GRPOTrainer):
             else torch.where(mask, output["ref_per_token_logps"].float(), 0.0),
             signals={} if entropy is None else {"entropy": torch.where(mask, entropy, 0.0)},
             model_inputs=model_inputs,
+            response_ids=output["completion_ids"],
         )
         policy = self._credit_policy_handle() if strategy.needs_policy(rollout) else None
         reducer = self._credit_reducer_handle()
@@ -220,4 +283,7 @@ class CreditGRPOTrainer(GRPOTrainer):
             means = self.accelerator.gather(local.reshape(1, -1)).mean(0).tolist()
             for key, value in zip(keys, means):
                 self._metrics[mode][f"rlcredit/{key}"].append(value)
+            if "kept_tokens" in keys and means[keys.index("kept_tokens")] == 0 and not self._credit_warned_zero_kept:
+                self._credit_warned_zero_kept = True
+                warnings.warn(_ZERO_KEPT.format(weighter=type(strategy.weighter).__name__), UserWarning, stacklevel=2)
         return folded.float()

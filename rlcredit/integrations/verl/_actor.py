@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import types
 import warnings
 from typing import Any
 
@@ -10,6 +12,8 @@ import attrs
 from rlcredit.errors import SpecError
 from rlcredit.integrations.verl._strategy import _VERL_MODES, AGG_MODES, _get, _as_strategy
 from rlcredit.losses import GSPO, ClippedSurrogate
+from rlcredit.losses._common import aux_names
+from rlcredit.requirements import Field, leaves, requirements_of
 
 __all__ = ["VERL_ACTOR_DEFAULTS", "verl_policy_loss"]
 
@@ -34,6 +38,68 @@ def _actor_values(config: Any, loss_agg_mode: str) -> dict[str, tuple[Any, str]]
         "dual_clip": (float(VERL_ACTOR_DEFAULTS["clip_ratio_c"] if dual is None else dual), "clip_ratio_c"),
         "aggregation": (AGG_MODES.get(loss_agg_mode, loss_agg_mode), "loss_agg_mode"),
     }
+
+
+# What a verl policy loss is given, as a rollout: old log-probs (and the advantages, mask and IS weights
+# every loss reads). No reference log-probs, signals, model inputs, policy or aux tensors.
+_LOSS_VIEW = types.SimpleNamespace(old_logprobs=True, ref_logprobs=None, model_inputs=None, response_ids=None,
+                                   signals={})
+
+
+def _takes_totals(loss: Any) -> bool:
+    try:
+        params = inspect.signature(loss).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "totals" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _check_loss(loss: Any) -> Any:
+    """Raise a ``SpecError`` unless ``loss`` can run as verl's policy loss ``"rlcredit"``; return it.
+
+    verl calls a policy loss with ``(old_log_prob, log_prob, advantages, response_mask,
+    loss_agg_mode, config, rollout_is_weights)`` and its global batch statistics: a loss runs when
+    it needs nothing else (no reference log-probs, ``signals``, ``model_inputs``, policy or ``aux``
+    tensor), divides by given ``totals=`` (so micro-batches and dp ranks add up) and does not
+    renormalise by the kept weight (verl counts tokens, not weight). All built-in losses but
+    ``papo`` qualify (``kl_coef=0``, ``renormalize=False``).
+    """
+    name = type(loss).__name__
+    aux = aux_names(loss)
+    if aux:
+        raise SpecError(
+            f"the verl policy loss 'rlcredit' cannot run {name}: it reads aux[{aux[0]!r}], a differentiable tensor "
+            f"computed in the training step (PAPO: the current policy's log-probs with the masked image), and verl's "
+            f"policy-loss signature (old_log_prob, log_prob, advantages, response_mask, ...) has no place for it. "
+            f"Replace verl's ppo_loss with a loss function that computes it and calls strategy.loss(..., aux=...) "
+            f"(docs/methods/papo.md, 'Supplying aux from a trainer'), or use a strategy without it with "
+            f"loss_mode=rlcredit (e.g. PAPO's surrogate alone)."
+        )
+    unmet = [req for req in requirements_of(loss) if not req.met(_LOSS_VIEW, None)]
+    if any(Field("ref_logprobs") in leaves(req) for req in unmet):
+        raise SpecError(
+            "verl does not pass reference log-probs to policy losses; set the strategy's kl_coef=0 and use verl's "
+            "actor.use_kl_loss=True / actor.kl_loss_coef for the KL term."
+        )
+    if unmet:
+        raise SpecError(
+            f"the verl policy loss 'rlcredit' cannot run {name}: it needs {'; '.join(r.describe() for r in unmet)}, "
+            f"which verl's policy-loss call does not carry (it passes old and current log-probs, advantages, the "
+            f"response mask and IS weights). Compute the loss in your own verl loss function with strategy.loss."
+        )
+    if getattr(loss, "renormalize", False):
+        raise SpecError(
+            "verl's global batch statistics count valid tokens, not kept weight; renormalize=True is not supported "
+            "by the 'rlcredit' verl loss. Set renormalize=False."
+        )
+    if not _takes_totals(loss):
+        raise SpecError(
+            f"the verl policy loss 'rlcredit' divides by verl's global batch statistics through the loss's `totals=` "
+            f"argument, which {name} does not take: its micro-batch losses would not add up to the mini-batch loss. "
+            f"Give {name}.__call__ a `totals: rlcredit.functional.Totals | None = None` argument and aggregate with "
+            f"rlcredit.functional.loss_coefficients(..., totals=totals)."
+        )
+    return loss
 
 
 def _warn_once(message: str) -> None:
@@ -66,9 +132,17 @@ def verl_policy_loss(credit: Any = None, config: Any = None, loss_agg_mode: str 
     Returns:
         The policy loss object (the strategy's, with verl's values filled in).
 
+    Which losses run: every built-in one but ``papo`` (``clipped_surrogate``, ``gspo``, ``cispo``,
+    ``sapo``, ``gmpo``, ``kl_cov``, ``clip_cov``); a loss runs when it needs nothing verl's
+    policy-loss call does not carry and divides by given ``totals=`` (verl's global batch
+    statistics, ``verl_totals``).
+
     Raises:
         SpecError: verl's value is one rlcredit rejects (``loss_agg_mode="token-sum"``, a
-            ``clip_ratio_c <= 1``) for a field the strategy leaves at its default.
+            ``clip_ratio_c <= 1``) for a field the strategy leaves at its default; or a loss verl
+            cannot feed: one that reads an ``aux`` tensor (``papo``: say how to run it instead),
+            reference log-probs (``kl_coef > 0``: use verl's ``use_kl_loss``), another rollout
+            field or signal, has ``renormalize=True``, or takes no ``totals=``.
 
     Examples:
         >>> from rlcredit.integrations.verl import verl_policy_loss
@@ -80,7 +154,7 @@ def verl_policy_loss(credit: Any = None, config: Any = None, loss_agg_mode: str 
         >>> verl_policy_loss("grpo", {"loss_agg_mode": "seq-mean-token-mean"}).aggregation
         'seq_mean_token_mean'
     """
-    loss = _as_strategy(credit, config).policy_loss
+    loss = _check_loss(_as_strategy(credit, config).policy_loss)
     if loss_agg_mode is None:
         loss_agg_mode = _get(config, "loss_agg_mode") or VERL_ACTOR_DEFAULTS["loss_agg_mode"]
     if not isinstance(loss, _FOLLOWS_ACTOR):

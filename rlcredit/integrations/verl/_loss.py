@@ -12,14 +12,14 @@ from rlcredit import functional as F
 from rlcredit.errors import SpecError
 from rlcredit.functional import Totals
 from rlcredit.integrations.verl._actor import verl_policy_loss
-from rlcredit.integrations.verl._strategy import _VERL_MODES, AGG_MODES, _get, resolve_strategy
-from rlcredit.losses import GSPO, ClippedSurrogate
+from rlcredit.integrations.verl._strategy import AGG_MODES, _get, resolve_strategy
+from rlcredit.losses import GMPO, GSPO, ClippedSurrogate, ClipCov, KLCov
 from rlcredit.rollout import Credit, Rollout
 
 __all__ = ["aggregate", "compute_policy_loss", "verl_totals"]
 
 
-def verl_totals(aggregation: str, mask: Tensor, *, dp_size: Any = 1, batch_num_tokens: Any = None,
+def verl_totals(aggregation: str | None, mask: Tensor, *, dp_size: Any = 1, batch_num_tokens: Any = None,
                 global_batch_size: Any = None, loss_scale_factor: Any = None, max_length: int | None = None) -> Totals:
     """verl's global batch info as the ``rlcredit.functional.Totals`` an aggregation divides by.
 
@@ -29,10 +29,12 @@ def verl_totals(aggregation: str, mask: Tensor, *, dp_size: Any = 1, batch_num_t
     batch_num_tokens``, ``rows = global_batch_size``, ``world = dp_size``. Without them (one
     rank) verl counts this micro-batch's valid tokens, and for the ``seq-*`` modes only its rows
     that have a valid token. ``length``: the loss's own ``max_length``, else verl's
-    ``loss_scale_factor``, else the padded ``T``.
+    ``loss_scale_factor``, else the padded ``T``. ``aggregation=None`` fills every statistic (a
+    loss that aggregates in more than one mode, or whose mode is fixed, like ``gmpo``); this is
+    what the policy loss ``"rlcredit"`` passes (verl's ``ppo_loss`` always sets them all).
 
     Raises:
-        SpecError: ``dp_size > 1`` without the global statistic the mode needs.
+        SpecError: ``dp_size > 1`` without a global statistic the mode(s) need.
 
     Examples:
         >>> import torch
@@ -42,23 +44,25 @@ def verl_totals(aggregation: str, mask: Tensor, *, dp_size: Any = 1, batch_num_t
         tensor(1)
         >>> verl_totals("token_mean", mask, dp_size=4, batch_num_tokens=64)
         Totals(tokens=64, weight=None, rows=None, length=None, world=4)
+        >>> verl_totals(None, mask, dp_size=2, batch_num_tokens=6, global_batch_size=4)
+        Totals(tokens=6, weight=None, rows=4, length=2, world=2)
     """
     dp = int(dp_size or 1)
     tokens = rows = length = None
-    if aggregation == "token_mean":
+    if aggregation in (None, "token_mean"):
         tokens = batch_num_tokens
         if tokens is None:
             if dp > 1:
                 raise SpecError("verl passes dp_size > 1 without batch_num_tokens; token-mean needs the global count.")
             tokens = mask.sum()
-    else:
+    if aggregation != "token_mean":
         rows = global_batch_size
         if rows is None:
             if dp > 1:
                 raise SpecError("verl passes dp_size > 1 without global_batch_size; seq-mean modes need it.")
             rows = mask.any(dim=-1).sum()
-        if aggregation == "seq_mean_token_sum_norm":
-            length = max_length or loss_scale_factor or mask.shape[1]
+    if aggregation in (None, "seq_mean_token_sum_norm"):
+        length = max_length or loss_scale_factor or mask.shape[1]
     return Totals(tokens=tokens, rows=rows, length=length, world=dp)
 
 
@@ -116,31 +120,15 @@ def _global_info(config: Any) -> dict[str, Any]:
     return dict(info) if isinstance(info, Mapping) else {}
 
 
-def _check_loss(loss: Any) -> Any:
-    if getattr(loss, "aggregation", None) not in _VERL_MODES:
-        raise SpecError(
-            f"the verl policy loss 'rlcredit' needs a policy loss with an `aggregation` field (clipped_surrogate); "
-            f"got {type(loss).__name__}."
-        )
-    if getattr(loss, "kl_coef", 0.0):
-        raise SpecError(
-            "verl does not pass reference log-probs to policy losses; set the strategy's kl_coef=0 and use verl's "
-            "actor.use_kl_loss=True / actor.kl_loss_coef for the KL term."
-        )
-    if getattr(loss, "renormalize", False):
-        raise SpecError(
-            "verl's global batch statistics count valid tokens, not kept weight; renormalize=True is not supported "
-            "by the 'rlcredit' verl loss. Set renormalize=False."
-        )
-    return loss
-
-
 def _verl_metrics(loss: Any, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mask: Tensor,
                   own: Any) -> dict[str, Tensor]:
-    """verl 0.9.1's pg metrics, its formulas: ``vanilla``'s for a token ratio, ``gspo``'s for a sequence ratio.
+    """verl 0.9.1's pg metrics with the formulas of the verl loss mode each loss equals.
 
-    Other losses (``cispo``, ``sapo``...) report the same three keys: ``ppo_kl`` as ``vanilla``, their own
-    ``clip_fraction`` (0 without one) as ``pg_clipfrac``, and 0 as ``pg_clipfrac_lower`` (no dual clip).
+    ``clipped_surrogate``: ``vanilla``'s (``gspo``'s for a sequence ratio); ``gmpo``: ``geo_mean``'s
+    (log-ratios outside ``[-clip_low, clip_high]`` with ``A > 0`` / ``A < 0``); ``kl_cov``: its
+    ``ppo_kl = mean |log rho|``; ``clip_cov``: the cut share as ``pg_clipfrac``; ``cispo``,
+    ``sapo`` and other losses: ``vanilla``'s ``ppo_kl`` and their own ``clip_fraction`` (0
+    without one). Every loss reports the same three keys (0 where verl's mode has none).
     """
     with torch.no_grad():
         m = mask.float()
@@ -149,18 +137,27 @@ def _verl_metrics(loss: Any, log_prob: Tensor, old_log_prob: Tensor, advantages:
         def masked_mean(x: Tensor) -> Tensor:  # verl_F.masked_mean: sum / (count + 1e-8)
             return torch.where(mask, x.float(), zero).sum() / (m.sum() + 1e-8)
 
-        log_ratio = torch.where(mask, log_prob.detach().float() - old_log_prob.float(), zero)
+        raw = torch.where(mask, log_prob.detach().float() - old_log_prob.float(), zero)  # log rho, unclamped
+        log_ratio = raw.clamp(-20.0, 20.0)
         adv = torch.where(mask, advantages.float(), zero)
+        if isinstance(loss, GMPO):
+            clipped = raw != raw.clamp(-loss.clip_low, loss.clip_high)
+            return {"actor/pg_clipfrac": masked_mean(clipped & (adv > 0)), "actor/ppo_kl": masked_mean(-raw),
+                    "actor/pg_clipfrac_lower": masked_mean(clipped & (adv < 0))}
+        if isinstance(loss, KLCov):
+            return {"actor/pg_clipfrac": zero, "actor/ppo_kl": masked_mean(raw.abs()), "actor/pg_clipfrac_lower": zero}
+        if isinstance(loss, ClipCov):
+            return {"actor/pg_clipfrac": own["cov_clip_fraction"].detach().float(), "actor/ppo_kl": masked_mean(-raw),
+                    "actor/pg_clipfrac_lower": zero}
         if not isinstance(loss, (ClippedSurrogate, GSPO)):
             clipfrac = own["clip_fraction"].detach().float() if "clip_fraction" in own else zero
-            return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": masked_mean(-log_ratio.clamp(-20.0, 20.0)),
+            return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": masked_mean(-log_ratio),
                     "actor/pg_clipfrac_lower": zero}
         if getattr(loss, "ratio", "sequence" if isinstance(loss, GSPO) else "token") == "sequence":
-            ppo_kl = masked_mean(-log_ratio)
-            seq = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)
+            ppo_kl = masked_mean(-raw)  # verl's gspo: no clamp
+            seq = raw.sum(-1) / m.sum(-1).clamp(min=1)
             ratio = torch.exp(seq.clamp(max=10.0)).unsqueeze(-1)
         else:
-            log_ratio = log_ratio.clamp(-20.0, 20.0)
             ppo_kl = masked_mean(-log_ratio)
             ratio = torch.exp(log_ratio)
         pg1 = -adv * ratio
@@ -181,18 +178,21 @@ def compute_policy_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """verl policy loss ``"rlcredit"``: the strategy's ``policy_loss`` with verl's config and denominators.
 
-    The loss that runs is ``verl_policy_loss(strategy, config, loss_agg_mode)``: the strategy's
-    clipped surrogate (Schulman et al. 2017; clip-higher, dual clip, VPPO's entropy penalty) with
-    **verl's actor config** (``clip_ratio_low``/``clip_ratio_high``, ``clip_ratio_c``,
-    ``loss_agg_mode``) for every value the strategy leaves at its default, the strategy's explicit
-    values otherwise (a disagreement warns once). With token weights ``w`` = verl's
-    rollout-correction weights (1 without them)::
+    The loss that runs is ``verl_policy_loss(strategy, config, loss_agg_mode)``: for a clipped
+    surrogate (Schulman et al. 2017; clip-higher, dual clip, VPPO's entropy penalty) **verl's
+    actor config** (``clip_ratio_low``/``clip_ratio_high``, ``clip_ratio_c``, ``loss_agg_mode``)
+    for every value the strategy leaves at its default, the strategy's explicit values otherwise
+    (a disagreement warns once); ``cispo``, ``sapo``, ``gmpo``, ``kl_cov`` and ``clip_cov`` with the
+    strategy's own values. With token weights ``w`` = verl's rollout-correction weights (1 without
+    them)::
 
         loss = aggregate(w * l(logp, old_logp, A), mask, mode, totals=verl_totals(...))
 
     where ``A`` is verl's ``[B, T]`` advantages (credit already folded by the ``"rlcredit"``
     estimator or ``apply_credit``) and the denominators are verl's global batch statistics
-    (``verl_totals``). At verl's default actor config, ``grpo`` is verl's ``vanilla`` loss.
+    (``verl_totals(None, ...)``: every statistic, whatever the loss aggregates with). At verl's
+    default actor config, ``grpo`` is verl's ``vanilla`` loss; ``cispo``... equal verl's
+    ``loss_mode`` of the same name (``gmpo``: ``geo_mean``) at the matching config.
 
     Args:
         old_log_prob: ``[B, T]`` behaviour log-probs.
@@ -205,13 +205,13 @@ def compute_policy_loss(
 
     Returns:
         ``(loss, metrics)``: a scalar and detached scalar tensors under verl's keys with verl's
-        formulas (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``, as verl's
-        ``vanilla`` and ``gspo`` return them), plus ``actor/rlcredit/neg_logprob`` with an entropy
-        penalty.
+        formulas (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``, as the verl
+        loss mode the loss equals returns them), plus the loss's own metrics under
+        ``actor/rlcredit/`` (``neg_logprob`` with an entropy penalty, ``kl_cov_fraction``...).
 
     Raises:
-        SpecError: no strategy, ``kl_coef > 0``, ``renormalize=True``, a loss without aggregation,
-            or a verl value rlcredit rejects (``loss_agg_mode="token-sum"``).
+        SpecError: no strategy, ``kl_coef > 0``, ``renormalize=True``, a loss verl cannot feed
+            (``papo``'s ``aux``), or a verl value rlcredit rejects (``loss_agg_mode="token-sum"``).
 
     Examples:
         >>> import torch
@@ -226,7 +226,7 @@ def compute_policy_loss(
         ['actor/pg_clipfrac', 'actor/pg_clipfrac_lower', 'actor/ppo_kl']
     """
     strategy = resolve_strategy(config)
-    loss_cfg = _check_loss(verl_policy_loss(strategy, config, loss_agg_mode))
+    loss_cfg = verl_policy_loss(strategy, config, loss_agg_mode)  # raises for a loss verl cannot feed
     mask = response_mask.bool()
     zero = torch.zeros((), device=mask.device)
     rollout = Rollout(
@@ -239,7 +239,7 @@ def compute_policy_loss(
     credit = Credit(scores={}, token_weights=weights, advantages=torch.where(mask, advantages.detach().float(), zero))
     logp = torch.where(mask, log_prob, torch.zeros((), dtype=log_prob.dtype, device=log_prob.device))
     info = _global_info(config)
-    totals = verl_totals(loss_cfg.aggregation, mask, dp_size=info.get("dp_size", 1),
+    totals = verl_totals(None, mask, dp_size=info.get("dp_size", 1),
                          batch_num_tokens=info.get("batch_num_tokens"), global_batch_size=info.get("global_batch_size"),
                          loss_scale_factor=info.get("loss_scale_factor"), max_length=getattr(loss_cfg, "max_length", None))
     out = loss_cfg(logp, rollout, credit, totals=totals)
