@@ -17,6 +17,7 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import Reducer
+from rlcredit.functional._shaping import check_scale_form
 from rlcredit.functional._finite import length_scale
 from rlcredit.registry import register
 from rlcredit.requirements import Requirement, Score
@@ -223,26 +224,7 @@ class DependencyScale:
                                          validator=attrs.validators.optional(in_range(0.0, lo_open=True)))
 
     def __attrs_post_init__(self) -> None:
-        if self.beta_max is None and self.beta_min > 1:
-            raise SpecError(
-                f"DependencyScale.beta_min must be in [0, 1] in the mean-preserving form (beta_max=None), "
-                f"got {self.beta_min!r}; lower it, or set beta_max for the bounded form."
-            )
-        if self.beta_max is not None and not self.beta_max > self.beta_min:
-            raise SpecError(
-                f"DependencyScale.beta_max must be greater than beta_min ({self.beta_min!r}), got "
-                f"{self.beta_max!r}; or set beta_max=None for the mean-preserving form."
-            )
-        if self.beta_max is not None and self.mean_scope is not None:
-            raise SpecError(
-                "DependencyScale.mean_scope only applies to the mean-preserving form (beta_max=None); the bounded "
-                f"form (beta_max={self.beta_max!r}) has no mean. Drop mean_scope or set beta_max=None."
-            )
-        if self.beta_max is not None and self.mean_eps is not None:
-            raise SpecError(
-                "DependencyScale.mean_eps only applies to the mean-preserving form (beta_max=None); the bounded "
-                f"form (beta_max={self.beta_max!r}) divides by no mean. Drop mean_eps or set beta_max=None."
-            )
+        check_scale_form("DependencyScale", self.beta_min, self.beta_max, self.mean_scope, self.mean_eps)
 
     @property
     def requires(self) -> tuple[Requirement, ...]:

@@ -51,7 +51,7 @@ CATALOGUE = {
     "top_fraction_group_ids_shape": (lambda: F.top_fraction_mask(X, M, 0.5, "group", group_ids=G), RolloutError, ["group_ids", "B=2", "[4]"]),
     "beta_min_negative": (lambda: F.dependency_scale(R, R.bool(), beta_min=-0.1), RLCreditError, ["beta_min", "[0.0, inf)", "-0.1"]),
     "beta_min_above_one_code_form": (lambda: F.dependency_scale(R, R.bool(), beta_min=1.5), RLCreditError, ["beta_min", "[0, 1]", "1.5", "beta_max"]),
-    "beta_max_not_above_min": (lambda: F.dependency_scale(R, R.bool(), beta_min=0.9, beta_max=0.9), RLCreditError, ["beta_max", "(0.9, inf)"]),
+    "beta_max_not_above_min": (lambda: F.dependency_scale(R, R.bool(), beta_min=0.9, beta_max=0.9), RLCreditError, ["beta_max", "greater than beta_min (0.9)"]),
     "dependency_scope": (lambda: F.dependency_scale(R, R.bool(), scope="chunk"), RLCreditError, ["scope", "'chunk'", "'batch'", "'group'", "int"]),
     "dependency_scope_zero": (lambda: F.dependency_scale(R, R.bool(), scope=0), RLCreditError, ["scope", "0"]),
     "dependency_mean_scope": (lambda: F.dependency_scale(R, R.bool(), mean_scope="everything"), RLCreditError, ["mean_scope"]),

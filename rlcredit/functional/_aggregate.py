@@ -13,11 +13,10 @@ from typing import NamedTuple
 
 import torch
 
-from rlcredit.errors import RLCreditError
+from rlcredit.errors import RLCreditError, SpecError
 from rlcredit.functional._checks import (
     FLOAT32_MAX,
     check_bool,
-    check_choice,
     check_device,
     check_float,
     check_positive_int,
@@ -68,19 +67,33 @@ class Totals(NamedTuple):
     world: int = 1
 
 
-def _check_mode(fn: str, mode: str, renormalize: bool, max_length: int | None) -> None:
-    check_choice(fn, "aggregation mode", mode, AGGREGATIONS)
+def check_aggregation(who: str, mode: str, renormalize: bool, max_length: int | None = None) -> None:
+    """The one rule for an aggregation's options, for the kernels and every loss class alike.
+
+    ``mode`` one of ``AGGREGATIONS``; ``renormalize=True`` needs a token-count denominator
+    (``token_mean`` or ``seq_mean_token_mean``); ``max_length`` (an int >= 1) only with
+    ``seq_mean_token_sum_norm``. Raises ``rlcredit.SpecError`` naming ``who``.
+
+    Examples:
+        >>> from rlcredit.functional._aggregate import check_aggregation
+        >>> check_aggregation("my_loss", "seq_mean_token_sum", renormalize=True)
+        Traceback (most recent call last):
+        ...
+        rlcredit.errors.SpecError: my_loss: renormalize=True needs a token-count denominator, i.e. aggregation 'token_mean' or 'seq_mean_token_mean'; got aggregation 'seq_mean_token_sum'.
+    """
+    if mode not in AGGREGATIONS:
+        raise SpecError(f"{who}: unknown aggregation mode {mode!r}; valid values: {', '.join(map(repr, AGGREGATIONS))}.")
     if renormalize and mode in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
-        raise RLCreditError(
-            f"{fn}: `renormalize=True` has no effect with mode {mode!r} (it has no token-count "
-            f"denominator); use it with 'token_mean' or 'seq_mean_token_mean', or drop it."
+        raise SpecError(
+            f"{who}: renormalize=True needs a token-count denominator, i.e. aggregation 'token_mean' or "
+            f"'seq_mean_token_mean'; got aggregation {mode!r}."
         )
     if max_length is not None:
-        check_positive_int(fn, "max_length", max_length)
+        check_positive_int(who, "max_length", max_length)
         if mode != "seq_mean_token_sum_norm":
-            raise RLCreditError(
-                f"{fn}: `max_length` is only used by mode 'seq_mean_token_sum_norm', got mode "
-                f"{mode!r}; drop `max_length` or change the mode."
+            raise SpecError(
+                f"{who}: max_length is only used by aggregation 'seq_mean_token_sum_norm', got aggregation "
+                f"{mode!r}; drop max_length or change the aggregation."
             )
 
 
@@ -118,7 +131,7 @@ def batch_totals(
     fn = "batch_totals"
     mask = check_shape(fn, "mask", mask, "BT", [None, None])
     check_bool(fn, "mask", mask)
-    _check_mode(fn, mode, renormalize, max_length)
+    check_aggregation(fn, mode, renormalize, max_length)
     B, T = mask.shape
     device = mask.device
     tokens = weight = rows = length = None
@@ -197,7 +210,7 @@ def loss_coefficients(
         weights = check_same_shape(fn, "weights", weights, "mask", mask)
         check_float(fn, "weights", weights)
     check_device(fn, [("mask", mask), ("weights", weights)])
-    _check_mode(fn, mode, renormalize, max_length)
+    check_aggregation(fn, mode, renormalize, max_length)
     if totals is not None:
         _check_totals(fn, totals)
     # A select, not a product: weights on padding may be anything, NaN included.

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from rlcredit.errors import RLCreditError
+from rlcredit.errors import RLCreditError, SpecError
 from rlcredit.functional._checks import (
     check_bool,
     check_device,
@@ -74,6 +74,46 @@ class _Scopes:
             parts.append(getattr(xm[full:], op)().reshape(1))
         seg = torch.arange(B, device=x.device) // size
         return torch.cat(parts)[seg] if parts else xm
+
+
+def check_scale_form(who: str, beta_min: float, beta_max: float | None, mean_scope: object = None,
+                     mean_eps: float | None = None) -> None:
+    """The one rule for TAS's form, for ``dependency_scale`` and the ``DependencyScale`` shaper alike.
+
+    Mean-preserving form (``beta_max=None``): ``0 <= beta_min <= 1`` (``alpha = beta_min + n (1 -
+    beta_min) / mu`` would turn negative beyond 1). Bounded form: ``0 <= beta_min < beta_max``, and
+    neither ``mean_scope`` nor ``mean_eps`` (it divides by no mean). Raises ``rlcredit.SpecError``.
+
+    Examples:
+        >>> from rlcredit.functional._shaping import check_scale_form
+        >>> check_scale_form("DependencyScale", 0.9, 0.8)
+        Traceback (most recent call last):
+        ...
+        rlcredit.errors.SpecError: DependencyScale: beta_max must be greater than beta_min (0.9), got 0.8; or set beta_max=None for the mean-preserving form.
+    """
+    check_real(who, "beta_min", beta_min, low=0.0)
+    if beta_max is None:
+        if beta_min > 1:
+            raise SpecError(
+                f"{who}: beta_min must be in [0, 1] in the mean-preserving form (beta_max=None), got {beta_min!r}: "
+                f"alpha = beta_min + n (1 - beta_min) / mu would turn negative. Lower it, or set beta_max for the "
+                f"bounded form."
+            )
+    else:
+        check_real(who, "beta_max", beta_max, low=0.0)
+        if not beta_max > beta_min:
+            raise SpecError(
+                f"{who}: beta_max must be greater than beta_min ({beta_min!r}), got {beta_max!r}; or set beta_max=None "
+                f"for the mean-preserving form."
+            )
+        for name, value in (("mean_scope", mean_scope), ("mean_eps", mean_eps)):
+            if value is not None:
+                raise SpecError(
+                    f"{who}: {name} only applies to the mean-preserving form (beta_max=None); the bounded form "
+                    f"(beta_max={beta_max!r}) has no mean. Drop {name} or set beta_max=None."
+                )
+    if mean_eps is not None:
+        check_real(who, "mean_eps", mean_eps, low=0.0, low_open=True)
 
 
 def dependency_scale(
@@ -157,30 +197,7 @@ def dependency_scale(
     B = mean_scores.shape[0]
     valid = check_shape(fn, "valid", valid, "B", [B])
     check_bool(fn, "valid", valid)
-    if beta_max is None:
-        check_real(fn, "beta_min", beta_min, low=0.0)
-        if beta_min > 1:
-            raise RLCreditError(
-                f"{fn}: `beta_min` must be in [0, 1] in the mean-preserving form (beta_max=None),"
-                f" got {beta_min!r}: alpha = beta_min + n (1 - beta_min) / mu would turn negative."
-                f" Lower it, or pass `beta_max` for the bounded form."
-            )
-    else:
-        check_real(fn, "beta_min", beta_min, low=0.0)
-        check_real(fn, "beta_max", beta_max, low=float(beta_min), low_open=True)
-        if mean_scope is not None:
-            raise RLCreditError(
-                f"{fn}: `mean_scope` only applies to the mean-preserving code form "
-                f"(beta_max=None); the bounded form (beta_max={beta_max!r}) has no mean. Drop "
-                f"`mean_scope` or set beta_max=None."
-            )
-    if mean_eps is not None:
-        check_real(fn, "mean_eps", mean_eps, low=0.0, low_open=True)
-        if beta_max is not None:
-            raise RLCreditError(
-                f"{fn}: `mean_eps` only applies to the mean-preserving code form (beta_max=None); the bounded "
-                f"form (beta_max={beta_max!r}) divides by no mean. Drop `mean_eps` or set beta_max=None."
-            )
+    check_scale_form(fn, beta_min, beta_max, mean_scope, mean_eps)
     _check_scope(fn, "scope", scope)
     mean_scope = scope if mean_scope is None else mean_scope
     _check_scope(fn, "mean_scope", mean_scope)

@@ -6,8 +6,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from rlcredit.errors import SpecError
 from rlcredit.functional import AGGREGATIONS, Reducer, Totals
+from rlcredit.functional._aggregate import check_aggregation
 from rlcredit.losses._common import coefficients, loss_totals, token_inputs
 from rlcredit.registry import register
 from rlcredit.rollout import Credit, LazyMetrics, LossOutput, Rollout
@@ -75,11 +75,7 @@ class CISPO:
     requires = ()
 
     def __attrs_post_init__(self) -> None:
-        if self.renormalize and self.aggregation in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
-            raise SpecError(
-                f"CISPO: renormalize=True needs a token-count denominator, i.e. aggregation 'token_mean' or "
-                f"'seq_mean_token_mean'; got aggregation {self.aggregation!r}."
-            )
+        check_aggregation("CISPO", self.aggregation, self.renormalize)
 
     def totals(self, rollout: Rollout, credit: Credit, *, reducer: Reducer | None = None) -> Totals:
         """The batch statistics this loss divides by (pass them as ``totals=`` to each micro-batch's loss)."""

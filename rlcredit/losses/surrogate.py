@@ -11,6 +11,7 @@ from torch import Tensor
 from rlcredit import functional as F
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.functional import AGGREGATIONS, Reducer, Totals
+from rlcredit.functional._aggregate import check_aggregation
 from rlcredit.functional._checks import storage_problem
 from rlcredit.functional._finite import finite_loss
 from rlcredit.functional._loss import float32_logprobs, surrogate_loss
@@ -151,16 +152,7 @@ class ClippedSurrogate:
                 f"{name}: kl_bias_correction=True corrects the KL term, which is off (kl_coef=0); set kl_coef > 0 "
                 f"or drop kl_bias_correction."
             )
-        if self.renormalize and self.aggregation in ("seq_mean_token_sum", "seq_mean_token_sum_norm"):
-            raise SpecError(
-                f"{name}: renormalize=True needs a token-count denominator, i.e. aggregation 'token_mean' or "
-                f"'seq_mean_token_mean'; got aggregation {self.aggregation!r}."
-            )
-        if self.max_length is not None and self.aggregation != "seq_mean_token_sum_norm":
-            raise SpecError(
-                f"{name}: max_length is only used by aggregation 'seq_mean_token_sum_norm', got aggregation "
-                f"{self.aggregation!r}; drop max_length or change the aggregation."
-            )
+        check_aggregation(name, self.aggregation, self.renormalize, self.max_length)
 
     @property
     def requires(self) -> tuple[Requirement, ...]:
