@@ -41,7 +41,7 @@ CATALOGUE = {
     "coefficients_weights_int": (lambda: F.loss_coefficients(M, M.long()), RolloutError, ["weights", "floating"]),
     "k3_shape": (lambda: F.k3_kl(X, X.T), RolloutError, ["ref_logprobs", "[2, 3]", "[3, 2]"]),
     "masked_mean_mask": (lambda: F.masked_mean(X, M[:, :2]), RolloutError, ["mask", "[2, 3]"]),
-    "fraction_zero": (lambda: F.top_fraction_mask(X, M, 0.0), RLCreditError, ["fraction", "(0, 1]", "0.0"]),
+    "fraction_zero": (lambda: F.top_fraction_mask(X, M, 0.0), RLCreditError, ["fraction", "(0.0, 1.0]", "0.0"]),
     "fraction_above_one": (lambda: F.top_fraction_mask(X, M, 1.5), RLCreditError, ["fraction", "1.5"]),
     "fraction_nan": (lambda: F.top_fraction_mask(X, M, float("nan")), RLCreditError, ["fraction", "nan"]),
     "fraction_bool": (lambda: F.top_fraction_mask(X, M, True), RLCreditError, ["fraction", "True"]),

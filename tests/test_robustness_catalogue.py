@@ -434,7 +434,7 @@ RAISES: list[tuple[str, Callable[[], Any], type, list[str]]] = [
      ["`group_ids` must be an integer tensor"]),
     ("group_normalize_sparse_rewards", lambda: F.group_normalize(torch.ones(2).to_sparse(),
                                                                  torch.zeros(2, dtype=torch.long)), R, ["sparse"]),
-    ("top_fraction_2", lambda: F.top_fraction_mask(torch.ones(2, 3), MASK, 2.0), E, ["`fraction`", "(0, 1]"]),
+    ("top_fraction_2", lambda: F.top_fraction_mask(torch.ones(2, 3), MASK, 2.0), E, ["`fraction`", "(0.0, 1.0]"]),
     ("top_fraction_unknown_scope", lambda: F.top_fraction_mask(torch.ones(2, 3), MASK, 0.5, "row"), E,
      ["unknown scope 'row'", "'sequence'"]),
     ("top_fraction_group_without_ids", lambda: F.top_fraction_mask(torch.ones(2, 3), MASK, 0.5, "group"), E,

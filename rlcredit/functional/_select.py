@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from fractions import Fraction
 
@@ -15,6 +14,7 @@ from rlcredit.functional._checks import (
     check_choice,
     check_device,
     check_int,
+    check_real,
     check_same_shape,
     check_shape,
 )
@@ -34,16 +34,7 @@ def exact_fraction(fn: str, fraction: object) -> tuple[int, int]:
     Done once on the host so that ``ceil(p * n / q)`` is integer arithmetic on tensors: in float,
     ``0.4 * 5`` is ``2.0000000298`` in float32 and its ceil would keep 3 tokens, not 2.
     """
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, numbers.Real)
-        or not math.isfinite(fraction)
-        or not 0 < fraction <= 1
-    ):
-        raise RLCreditError(
-            f"{fn}: `fraction` must be a number in (0, 1] (the share of tokens to keep, e.g. 0.2),"
-            f" got {fraction!r}."
-        )
+    check_real(fn, "fraction", fraction, low=0.0, high=1.0, low_open=True)  # the share of tokens to keep
     return _nearest_ratio(fraction if isinstance(fraction, numbers.Rational) else float(fraction))
 
 
