@@ -21,18 +21,18 @@ from rlcredit.functional._checks import check_positive_int, check_real
 
 __all__: list[str] = []
 
-#: ``budget_mib`` when none is given: a few hundred MiB on accelerators, where large chunks turn
-#: thousands of small kernel launches into a few large ones. On CPU the same room would make
-#: every float32 block larger than glibc's 32 MiB mmap ceiling, so each chunk's blocks would be
-#: mapped and page-faulted in afresh (3x slower measured at V = 32000); 16 MiB keeps them in
-#: the heap, where freed blocks are reused.
-DEFAULT_BUDGET_MIB = {"cpu": 16.0}
-DEFAULT_BUDGET_MIB_ACCELERATOR = 256.0
+#: ``budget_mib`` when none is given, on GPUs (and any device but the CPU): large chunks turn
+#: thousands of small kernel launches into a few large ones.
+BUDGET_MIB = 256.0
+#: ... and on CPU, where float32 blocks above ~8 MiB run slower (measured single-threaded at
+#: V = 32000 and 151936: 8-64 rows are fastest, 256 rows 2-3x slower): cache-sized chunks.
+CPU_BUDGET_MIB = 16.0
 
 #: Float32 ``[r, V]`` blocks alive at once on the eager path (forward or backward, the larger):
 #: entropy ``log p`` + ``p``; log-prob ``z`` + ``exp(z - max)``; KL ``log p``, ``log q`` and one
 #: more, plus its ``p == 0`` bool mask (one byte). Compiled, the forward is fused row reductions
-#: and the backward writes into its destination: one float32 block is kept as headroom.
+#: and the backward writes into its destination (inductor's CPU code allocates no ``[r, V]``
+#: buffer): one float32 block is counted as headroom.
 _FP32_BLOCKS = {"entropy": 2, "logprob": 2, "kl": 3}
 _EXTRA_BYTES = {"entropy": 0, "logprob": 0, "kl": 1}
 #: Blocks in the input's dtype: rows gathered by a mask (forward) and the gradient staged before
@@ -76,8 +76,8 @@ def rows_for_budget(width: int, bytes_per_entry: int, budget_mib: float) -> int:
 
 
 def default_budget_mib(device: torch.device) -> float:
-    """``budget_mib`` when none is given: 16 MiB on CPU, 256 MiB on GPUs and other accelerators."""
-    return DEFAULT_BUDGET_MIB.get(device.type, DEFAULT_BUDGET_MIB_ACCELERATOR)
+    """``budget_mib`` when none is given: ``CPU_BUDGET_MIB`` on CPU, ``BUDGET_MIB`` elsewhere."""
+    return CPU_BUDGET_MIB if device.type == "cpu" else BUDGET_MIB
 
 
 def chunk_rows(fn: str, chunk_size: object, budget_mib: object, *, width: int, bytes_per_entry: int,

@@ -44,6 +44,11 @@ COMPILE_DEVICES: tuple[str, ...] = ("cuda",)
 # --------------------------------------------------------------------------------------- maths
 
 
+def _f32(x: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """``x / tau`` as a new float32 block (one allocation whatever ``x``'s dtype)."""
+    return x.to(torch.float32, copy=True).mul_(inv_tau)
+
+
 def _log_softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """In place: ``z [n, V]`` float32 (owned) -> ``(log p [n, V], lse [n, 1])``; ``-inf`` stays ``-inf``.
 
@@ -58,12 +63,12 @@ def _log_softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _log_probs(x: torch.Tensor, lse: torch.Tensor, inv_tau: float) -> torch.Tensor:
     """``log p`` of rows ``x`` from their saved ``lse [n]`` (a new float32 block)."""
-    return (x.float() * inv_tau).sub_(lse[:, None])
+    return _f32(x, inv_tau).sub_(lse[:, None])
 
 
 def entropy_fwd(x: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H [n], lse [n])`` of logit rows ``x [n, V]`` at temperature ``1 / inv_tau``."""
-    logp, lse = _log_softmax_(x.float() * inv_tau)
+    logp, lse = _log_softmax_(_f32(x, inv_tau))
     logp.clamp_min_(_MIN)  # p log p = 0 * _MIN = 0 at -inf logits
     h = logp.exp().mul_(logp).sum(-1).neg_()
     # Rounding can leave -1e-7 for a one-hot row; H >= 0 (and + 0.0 turns -0.0 into 0.0).
@@ -84,8 +89,8 @@ def kl_fwd(xp: torch.Tensor, xq: torch.Tensor, inv_tau: float) -> tuple[torch.Te
     ``p_v = 0`` terms are 0 whatever ``q_v`` (both runs masking a token give ``-inf - -inf``);
     ``q_v = 0 < p_v`` gives ``inf``, the true value.
     """
-    logp, lse_p = _log_softmax_(xp.float() * inv_tau)
-    logq, lse_q = _log_softmax_(xq.float() * inv_tau)
+    logp, lse_p = _log_softmax_(_f32(xp, inv_tau))
+    logq, lse_q = _log_softmax_(_f32(xq, inv_tau))
     terms = logq.neg_().add_(logp)  # log p - log q
     p = logp.exp_()
     terms = terms.mul_(p).masked_fill_(p == 0, 0.0)
@@ -109,7 +114,7 @@ def kl_bwd(xp: torch.Tensor, xq: torch.Tensor, lse_p: torch.Tensor, lse_q: torch
 
 def logprob_fwd(x: torch.Tensor, y: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p_y [n], lse [n])`` of logit rows ``x [n, V]`` at token ids ``y [n]``."""
-    z = x.float() * inv_tau
+    z = _f32(x, inv_tau)
     m = z.amax(-1, keepdim=True).clamp_min(_MIN)
     lse = (z - m).exp_().sum(-1, keepdim=True).clamp_min(1.0).log_().add_(m)[:, 0]
     return z.gather(-1, y[:, None])[:, 0] - lse, lse
@@ -179,7 +184,8 @@ def run(name: str, device: torch.device, *args: Any) -> Any:
         try:
             return compiled(*args)
         except _compile_errors() as err:
-            _failure.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300])
+            cause = getattr(err, "inner_exception", None) or err  # the backend's own error, if it raised one
+            _failure.append(f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"[:300])
             warnings.warn(
                 f"rlcredit.functional: torch.compile of the vocabulary kernels failed ({_failure[0]}); "
                 f"they run eagerly from now on (same values, more memory traffic).",
