@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from rlcredit.errors import RLCreditError
-from rlcredit.functional import _chunking, _rows, fused_token_kl, selected_logprobs, token_entropy, token_kl
+from rlcredit.functional import _chunking, _compile, _rows, fused_token_kl, selected_logprobs, token_entropy, token_kl
 from tests.strategies import right_padded_mask
 
 INF = float("inf")
@@ -270,8 +270,8 @@ def test_chunks_follow_chunk_size_exactly_and_the_budget(kernel, monkeypatch):
         "fused": lambda **kw: fused_token_kl(hidden, hidden + 1, weight, **kw),
     }
     sizes: list[int] = []
-    real = _rows.run
-    monkeypatch.setattr(_rows, "run", lambda name, device, x, *a: sizes.append(x.shape[0]) or real(name, device, x, *a))
+    real = _compile.run
+    monkeypatch.setattr(_compile, "run", lambda fn, device, x, *a: sizes.append(x.shape[0]) or real(fn, device, x, *a))
     calls[kernel](chunk_size=5)
     assert sizes == [5, 5, 5, 5, 3]  # uneven: the last chunk is short
     sizes.clear()
@@ -340,10 +340,10 @@ def test_eager_temporaries_stay_within_what_the_budget_counts(kernel, masked, dt
 @pytest.fixture
 def compiled_on_cpu(monkeypatch):
     """Route the CPU through torch.compile (inductor's C++ backend) as CUDA is routed in production."""
-    monkeypatch.setattr(_rows, "COMPILE_DEVICES", ("cpu",))
-    monkeypatch.setattr(_rows, "_failure", [])
+    monkeypatch.setattr(_compile, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(_compile, "_failure", [])
     yield
-    assert not _rows._failure, _rows._failure
+    assert not _compile._failure, _compile._failure
 
 
 def _all_kernels(z, q, mask, tokens, hidden_p, hidden_q, weight, bias):
@@ -372,8 +372,9 @@ def test_compiled_rows_give_the_eager_numbers(dtype, compiled_on_cpu, monkeypatc
     bias[:3] = -INF
     args = (z, q, mask, tokens, hp.to(dtype), hq.to(dtype), weight.to(dtype), bias.to(dtype))
     compiled = _all_kernels(*args)
-    assert {"kl_fwd", "kl_bwd", "entropy_fwd", "entropy_bwd", "logprob_fwd", "logprob_bwd"} <= set(_rows._compiled)
-    monkeypatch.setattr(_rows, "COMPILE_DEVICES", ())
+    assert {_rows.kl_fwd, _rows.kl_bwd, _rows.entropy_fwd, _rows.entropy_bwd, _rows.logprob_fwd,
+            _rows.logprob_bwd} <= set(_compile._compiled)
+    monkeypatch.setattr(_compile, "COMPILE_DEVICES", ())
     eager = _all_kernels(*args)
     for name in compiled:
         (out_c, grads_c), (out_e, grads_e) = compiled[name], eager[name]
@@ -389,22 +390,22 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
     def no_compiler(gm, example_inputs):
         raise RuntimeError("no C++ compiler on this machine")
 
-    monkeypatch.setattr(_rows, "COMPILE_DEVICES", ("cpu",))
-    monkeypatch.setattr(_rows, "_failure", [])
-    monkeypatch.setattr(_rows, "_compiled", {})
-    monkeypatch.setattr(_rows, "_compile", lambda fn: torch.compile(fn, fullgraph=True, backend=no_compiler))
+    monkeypatch.setattr(_compile, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(_compile, "_failure", [])
+    monkeypatch.setattr(_compile, "_compiled", {})
+    monkeypatch.setattr(_compile, "_compile", lambda fn: torch.compile(fn, fullgraph=True, backend=no_compiler))
     z, q = _logits((3, 4, 9), 0), _logits((3, 4, 9), 1)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*run eagerly"):
         first = token_kl(z, q, chunk_size=5)
-    assert _rows._failure and not _rows.compiles_on(z.device)
-    monkeypatch.setattr(_rows, "COMPILE_DEVICES", ())
+    assert _compile._failure and not _compile.compiles_on(z.device)
+    monkeypatch.setattr(_compile, "COMPILE_DEVICES", ())
     torch.testing.assert_close(first, token_kl(z, q, chunk_size=5), rtol=0, atol=0)
 
 
 def test_only_listed_devices_compile(monkeypatch):
-    monkeypatch.setattr(_rows, "_failure", [])
-    assert _rows.COMPILE_DEVICES == ("cuda",)
-    assert not _rows.compiles_on(torch.device("cpu"))
-    monkeypatch.setattr(_rows, "_failure", ["BackendCompilerFailed: earlier"])
-    monkeypatch.setattr(_rows, "COMPILE_DEVICES", ("cpu",))
-    assert not _rows.compiles_on(torch.device("cpu"))  # given up after a failure
+    monkeypatch.setattr(_compile, "_failure", [])
+    assert _compile.COMPILE_DEVICES == ("cuda",)
+    assert not _compile.compiles_on(torch.device("cpu"))
+    monkeypatch.setattr(_compile, "_failure", ["BackendCompilerFailed: earlier"])
+    monkeypatch.setattr(_compile, "COMPILE_DEVICES", ("cpu",))
+    assert not _compile.compiles_on(torch.device("cpu"))  # given up after a failure

@@ -45,7 +45,7 @@ def temporaries(kernel: str, *, compiled: bool, masked: bool, itemsize: int, hea
 
     Args:
         kernel: ``"entropy"``, ``"logprob"`` or ``"kl"``.
-        compiled: whether the rows run through ``torch.compile`` (``_rows.compiles_on``).
+        compiled: whether the rows run through ``torch.compile`` (``_compile.compiles_on``).
         masked: whether rows are gathered by a mask (copies in the input dtype).
         itemsize: bytes per element of the input logits.
         head_itemsize: for the fused KL, bytes per element of the LM head's logits (two blocks).

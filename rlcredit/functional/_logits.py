@@ -9,7 +9,7 @@ Chunk size: ``chunk_size=None`` (the default) takes as many rows as fit ``budget
 temporaries (``rlcredit.functional._chunking``: 256 MiB on GPUs, 16 MiB on CPU); an int is used
 exactly. Speed: on CUDA each chunk runs through ``torch.compile``-d row kernels (fused
 reductions, no float32 ``[chunk, V]`` block); on CPU, or where compilation is unavailable, the
-same row functions run eagerly (``rlcredit.functional._rows``). Both give the same values.
+same row functions run eagerly (``rlcredit.functional._rows``, ``_compile``). Both give the same values.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rlcredit.errors import RolloutError
-from rlcredit.functional import _rows
+from rlcredit.functional import _compile
 from rlcredit.functional._checks import (
     check_bool,
     check_device,
@@ -58,7 +58,7 @@ def _inv_tau(fn: str, temperature: object) -> float:
 def _rows_per_chunk(fn: str, chunk_size: object, budget_mib: object, kernel: str, device: torch.device, V: int,
                     itemsize: int, *, masked: bool, head_itemsize: int = 0) -> int:
     """Rows per chunk over a vocabulary of ``V`` (the rule and its table: ``_chunking``)."""
-    per_entry = temporaries(kernel, compiled=_rows.compiles_on(device), masked=masked, itemsize=itemsize,
+    per_entry = temporaries(kernel, compiled=_compile.compiles_on(device), masked=masked, itemsize=itemsize,
                             head_itemsize=head_itemsize)
     return chunk_rows(fn, chunk_size, budget_mib, width=V, bytes_per_entry=per_entry, device=device)
 

@@ -1,12 +1,11 @@
 """Row kernels of the vocabulary functions: one ``[n, V]`` block of logits in, ``[n]`` stats out.
 
 Each function here is plain torch on one block of rows, the same code whether it runs eagerly or
-compiled: ``run(name, device, *args)`` calls the ``torch.compile``-d version on the devices of
-``COMPILE_DEVICES`` (CUDA) and the eager one elsewhere, or after compilation failed once. Compiled,
-a forward is a few fused row reductions that read the logits and write only ``[n]`` statistics
-(no ``[n, V]`` float32 temporary), and a backward writes the gradient straight into its
-destination; eager, each function holds at most the float32 blocks listed in
-``rlcredit.functional._chunking.TEMPORARIES``.
+compiled (``rlcredit.functional._compile.run``: ``torch.compile``-d on CUDA). Compiled, a forward
+is a few fused row reductions that read the logits and write only ``[n]`` statistics (no
+``[n, V]`` float32 temporary), and a backward writes the gradient straight into its destination
+(``out``); eager, each function holds at most the float32 blocks counted in
+``rlcredit.functional._chunking``.
 
 Maths (``z = x / tau`` in float32, ``log p = z - lse(z)``): ``H = -sum p log p`` with
 ``dH/dz = -p (log p + H)``; ``KL(p||q) = sum p (log p - log q)`` with ``dKL/dz_p = p (log p -
@@ -25,20 +24,11 @@ max is clamped to ``_MIN``, so ``z - max`` stays ``-inf`` instead of NaN, and it
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
 __all__: list[str] = []
 
 _MIN = torch.finfo(torch.float32).min
-
-#: Device types whose rows run through ``torch.compile``. CUDA only: that is where the fused
-#: kernels pay off against the launch- and bandwidth-bound eager ops; on CPU a first compilation
-#: takes ~20 s per graph and needs a C++ toolchain, for a 2-3x gain at most. Tests add "cpu".
-COMPILE_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 # --------------------------------------------------------------------------------------- maths
@@ -126,69 +116,3 @@ def logprob_bwd(x: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Te
     gs = torch.where(lse > _MIN, g * inv_tau, 0.0)[:, None]  # an all -inf row: log p_y = -inf, flat
     grad = _log_probs(x, lse, inv_tau).exp_().mul_(gs.neg())
     out.copy_(grad.scatter_add_(-1, y[:, None], gs))
-
-
-ROW_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "entropy_fwd": entropy_fwd, "entropy_bwd": entropy_bwd,
-    "kl_fwd": kl_fwd, "kl_bwd": kl_bwd,
-    "logprob_fwd": logprob_fwd, "logprob_bwd": logprob_bwd,
-}
-
-
-# ------------------------------------------------------------------------------------ dispatch
-
-_compiled: dict[str, Callable[..., Any]] = {}
-_failure: list[str] = []  # the reason compilation was given up, once it failed
-
-
-def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compile(fn, fullgraph=True)
-
-
-def _compile_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "this machine cannot compile" (no toolchain, no Triton, unsupported op)."""
-    from torch._dynamo import exc
-
-    return (exc.BackendCompilerFailed, exc.Unsupported)
-
-
-def compiles_on(device: torch.device) -> bool:
-    """Whether rows on ``device`` run through ``torch.compile`` (``COMPILE_DEVICES``, compiler usable)."""
-    if device.type not in COMPILE_DEVICES or _failure or torch.compiler.is_compiling():
-        return False
-    if not torch._dynamo.is_dynamo_supported():
-        return False
-    if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        return has_triton()
-    return True
-
-
-def run(name: str, device: torch.device, *args: Any) -> Any:
-    """``ROW_FUNCTIONS[name](*args)``, compiled where ``compiles_on(device)``, eager otherwise.
-
-    The row dimension of every tensor argument is marked dynamic, so chunks of any length (the
-    short last one included) share one graph per dtype and vocabulary size. If compilation fails
-    (``torch._dynamo`` cannot trace, or the backend has no compiler), a ``RuntimeWarning`` says
-    so once and every later call runs eagerly: same numbers, more memory traffic.
-    """
-    fn = ROW_FUNCTIONS[name]
-    if compiles_on(device):
-        compiled = _compiled.get(name)
-        if compiled is None:
-            compiled = _compiled[name] = _compile(fn)
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.ndim:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
-        try:
-            return compiled(*args)
-        except _compile_errors() as err:
-            cause = getattr(err, "inner_exception", None) or err  # the backend's own error, if it raised one
-            _failure.append(f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"[:300])
-            warnings.warn(
-                f"rlcredit.functional: torch.compile of the vocabulary kernels failed ({_failure[0]}); "
-                f"they run eagerly from now on (same values, more memory traffic).",
-                RuntimeWarning, stacklevel=3,
-            )
-    return fn(*args)

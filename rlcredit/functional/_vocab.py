@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.autograd.function import once_differentiable
 
-from rlcredit.functional import _rows
+from rlcredit.functional import _compile, _rows
 
 __all__: list[str] = []
 
@@ -62,7 +62,7 @@ class Entropy(torch.autograd.Function):
         h = torch.empty(m, dtype=torch.float32, device=flat.device)
         lse = torch.empty_like(h)
         for s, e, rows in blocks(flat.shape[0], valid, chunk):
-            h[s:e], lse[s:e] = _rows.run("entropy_fwd", flat.device, flat[rows], inv_tau)
+            h[s:e], lse[s:e] = _compile.run(_rows.entropy_fwd, flat.device, flat[rows], inv_tau)
         ctx.save_for_backward(flat, valid, lse, h)
         ctx.inv_tau, ctx.chunk = inv_tau, chunk
         return h
@@ -74,7 +74,7 @@ class Entropy(torch.autograd.Function):
         grad = _grad_buffer(flat, valid)
         for s, e, rows in blocks(flat.shape[0], valid, ctx.chunk):
             dst, commit = destination(grad, rows)
-            _rows.run("entropy_bwd", flat.device, flat[rows], lse[s:e], h[s:e], g[s:e].float(), ctx.inv_tau, dst)
+            _compile.run(_rows.entropy_bwd, flat.device, flat[rows], lse[s:e], h[s:e], g[s:e].float(), ctx.inv_tau, dst)
             commit()
         return grad, None, None, None
 
@@ -88,7 +88,7 @@ class LogProb(torch.autograd.Function):
         out = torch.empty(n, dtype=torch.float32, device=flat.device)
         lse = torch.empty_like(out)
         for s, e, rows in blocks(n, None, chunk):
-            out[s:e], lse[s:e] = _rows.run("logprob_fwd", flat.device, flat[rows], tokens[rows], inv_tau)
+            out[s:e], lse[s:e] = _compile.run(_rows.logprob_fwd, flat.device, flat[rows], tokens[rows], inv_tau)
         ctx.save_for_backward(flat, tokens, lse)
         ctx.inv_tau, ctx.chunk = inv_tau, chunk
         return out
@@ -99,7 +99,7 @@ class LogProb(torch.autograd.Function):
         flat, tokens, lse = ctx.saved_tensors
         grad = torch.empty_like(flat)
         for s, e, rows in blocks(flat.shape[0], None, ctx.chunk):
-            _rows.run("logprob_bwd", flat.device, flat[rows], tokens[rows], lse[s:e], g[s:e].float(), ctx.inv_tau,
+            _compile.run(_rows.logprob_bwd, flat.device, flat[rows], tokens[rows], lse[s:e], g[s:e].float(), ctx.inv_tau,
                       grad[rows])
         return grad, None, None, None
 
@@ -113,7 +113,7 @@ class KL(torch.autograd.Function):
         kl = torch.empty(m, dtype=torch.float32, device=flat_p.device)
         lse_p, lse_q = torch.empty_like(kl), torch.empty_like(kl)
         for s, e, rows in blocks(flat_p.shape[0], valid, chunk):
-            kl[s:e], lse_p[s:e], lse_q[s:e] = _rows.run("kl_fwd", flat_p.device, flat_p[rows], flat_q[rows], inv_tau)
+            kl[s:e], lse_p[s:e], lse_q[s:e] = _compile.run(_rows.kl_fwd, flat_p.device, flat_p[rows], flat_q[rows], inv_tau)
         ctx.save_for_backward(flat_p, flat_q, valid, lse_p, lse_q, kl)
         ctx.inv_tau, ctx.chunk = inv_tau, chunk
         return kl
@@ -129,7 +129,7 @@ class KL(torch.autograd.Function):
             dst_p, commit_p = destination(grad_p, rows)
             dst_q, commit_q = destination(grad_q, rows)
             # One pass over both runs' logits writes both gradients.
-            _rows.run("kl_bwd", flat_p.device, flat_p[rows], flat_q[rows], lse_p[s:e], lse_q[s:e], kl[s:e],
+            _compile.run(_rows.kl_bwd, flat_p.device, flat_p[rows], flat_q[rows], lse_p[s:e], lse_q[s:e], kl[s:e],
                       g[s:e].float(), ctx.inv_tau, dst_p, dst_q)
             commit_p()
             commit_q()
