@@ -10,7 +10,7 @@ How it is captured. The estimator registers an attention function with transform
 and switches the language model's attention implementation to it for the duration of one call.
 The function receives each layer's queries and keys *after* the rotary embedding (Qwen's 3-D
 mRoPE included), the causal + padding mask, and ``module.layer_idx``; on the chosen layers it
-computes, for the response query rows only and ``query_chunk`` rows at a time, the softmax over
+computes, for the response query rows only and one block of rows at a time, the softmax over
 all keys and keeps the head-averaged probabilities on image keys (``[b, T, I]``); then every layer
 delegates to ``sdpa``, so the forward itself is the ordinary one. No model code is patched, no
 ``[T, T]`` map is held for more than one layer and one row chunk, and nothing is captured on the
@@ -37,6 +37,8 @@ from torch import Tensor
 
 from rlcredit._components import POLICY, in_range, int_at_least, is_bool, one_of
 from rlcredit.errors import AdapterError, RolloutError, SpecError
+from rlcredit.functional import _compile
+from rlcredit.functional._chunking import default_budget_mib, rows_for_budget
 from rlcredit.registry import register
 from rlcredit.rollout import EstimatorOutput, Rollout
 
@@ -99,7 +101,12 @@ class _Capture:
     density: Tensor | None = None
     profile: Tensor | None = None
 
-    def begin(self, image_mask: Tensor, attention_mask: Tensor | None, response_mask: Tensor) -> None:
+    def begin(self, image_mask: Tensor, attention_mask: Tensor | None, response_mask: Tensor, width: int) -> None:
+        """Set up a row chunk; ``width`` (>= its largest image-token count, >= 1) sizes the ``[b, I]`` buffers.
+
+        The width comes from the caller's host-side count, so nothing here waits for the device;
+        columns beyond a row's own image tokens are marked invalid and contribute nothing.
+        """
         est = self.estimator
         b, L = image_mask.shape
         T = response_mask.shape[1]
@@ -122,10 +129,9 @@ class _Capture:
         if attention_mask is not None:
             img &= attention_mask.bool()
         count = img.sum(1)
-        n_img = int(count.max()) if b else 0  # one host sync per row chunk: the [b, I] buffers' width
-        order = torch.argsort((~img).to(torch.int8), dim=1, stable=True)[:, : max(n_img, 1)]
+        order = torch.argsort((~img).to(torch.int8), dim=1, stable=True)[:, : min(width, L)]
         self.image_index = order
-        self.image_valid = img.gather(1, order) & (n_img > 0)
+        self.image_valid = img.gather(1, order)
         ordinal = torch.arange(order.shape[1], device=device).expand_as(order)
         bins = ordinal * est.profile_bins // count.clamp_min(1)[:, None]
         self.image_bins = torch.nn.functional.one_hot(bins.clamp_max(est.profile_bins - 1), est.profile_bins).float()
@@ -162,29 +168,71 @@ class _Capture:
         return self.mass / n_layers, self.density / n_layers, self.profile / n_layers
 
 
-def _visible(mask: Tensor | None, rows: slice, n_keys: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """``(visible [b|1, h, n, n_keys] bool, additive bias or None)`` for query rows ``rows`` from the layer's mask.
+def _picked_probs(logits: Tensor, qpos: Tensor | None, mask_rows: Tensor | None, cols: Tensor, col_ok: Tensor,
+                  scale: float, softcap: float | None) -> Tensor:
+    """Head-mean softmax probabilities at key columns ``cols`` for one block of ``n`` query rows.
 
-    ``None`` is sdpa's plain causal mask; a bool mask marks visible keys; a float mask is additive
-    (eager style), its very negative entries meaning hidden.
+    Args:
+        logits: ``[b, Hkv, g, n, Lc]`` raw ``q k^T`` in the model's dtype (GQA: ``g`` query heads per
+            key/value head), keys cut at the block's last query.
+        qpos: ``[n]`` positions of the query rows when ``mask_rows`` is None (sdpa's plain causal mask).
+        mask_rows: the layer's mask rows ``[b|1, 1|Hq, n, Lc]``: bool (True: visible) or additive float.
+        cols: ``[b, C]`` key columns (image keys, then sink keys), clamped below ``Lc``.
+        col_ok: ``[b, C]`` bool, whether the unclamped column is below ``Lc`` (else probability 0).
+        scale, softcap: the layer's ``scaling`` and logit soft-capping.
+
+    Returns:
+        ``[b, n, C]`` float32: ``p_v = 2^(l_v - m) / sum_j 2^(l_j - m)`` (base 2, ``scale * log2 e``
+        folded into the logits; exactly the natural-base softmax), averaged over heads. A query that
+        sees no key (a padding row) has ``m = -inf``, clamped so that everything is 0, not NaN.
+        Runs ``torch.compile``-d on CUDA (``rlcredit.functional._compile``): one fused pass over the
+        block instead of a dozen.
     """
-    if mask is None:
-        q = torch.arange(rows.start, rows.stop, device=device)
-        return (torch.arange(n_keys, device=device)[None, :] <= q[:, None])[None, None], None
-    m = mask[:, :, rows, :n_keys]
-    if m.dtype == torch.bool:
-        return m, None
-    return m > torch.finfo(m.dtype).min / 2, m.float()
+    b, Hkv, g, n, Lc = logits.shape
+    C = cols.shape[1]
+    if softcap:
+        lg = torch.tanh(logits.float() * (scale / softcap)).mul_(softcap * _LOG2E)
+    else:
+        lg = logits.float() * (scale * _LOG2E)  # a new float32 block (even for float32 logits)
+    if mask_rows is None:
+        hidden = torch.arange(Lc, device=lg.device)[None, :] > qpos[:, None]  # [n, Lc]: later keys
+        lg.masked_fill_(hidden, float("-inf"))
+    else:
+        heads = (Hkv, g) if mask_rows.shape[1] != 1 else (1, 1)
+        m5 = mask_rows.reshape(mask_rows.shape[0], *heads, n, Lc)
+        if m5.dtype == torch.bool:
+            lg.masked_fill_(~m5, float("-inf"))
+        else:  # additive (eager-style) mask: its very negative entries mean hidden
+            lg.add_(m5.float() * _LOG2E).masked_fill_(m5 <= torch.finfo(m5.dtype).min / 2, float("-inf"))
+    picked = lg.gather(4, cols[:, None, None, None, :].expand(b, Hkv, g, n, C))
+    # The row max contributes exp2(0) = 1, so the sum is >= 1 whenever a key is visible.
+    top = lg.amax(dim=-1, keepdim=True).clamp_min_(-1e30)
+    z = lg.sub_(top).exp2_().sum(dim=-1, keepdim=True).clamp_min_(1.0)
+    p = picked.sub_(top).exp2_().div_(z)
+    return p.mean(dim=(1, 2)) * col_ok[:, None, :]
+
+
+def _query_rows(est: AttentionConnectivity, b: int, Hq: int, L: int, query: Tensor, mask: Tensor | None) -> int:
+    """Response query rows per block: ``query_chunk``, or as many as fit the memory budget.
+
+    A block holds ``[b, Hq, rows, L]`` logits in the model's dtype, their float32 copy, a bool
+    visibility mask and, for additive masks, their float32 copy: ``rlcredit.functional._chunking``'s
+    rule (256 MiB on GPUs, 16 MiB on CPU) over ``b * Hq * L`` entries per row.
+    """
+    if est.query_chunk is not None:
+        return est.query_chunk
+    per_entry = query.element_size() + 4 + 1 + (4 if mask is not None and mask.dtype != torch.bool else 0)
+    return rows_for_budget(b * Hq * L, per_entry, default_budget_mib(query.device))
 
 
 def _layer_connectivity(state: _Capture, query: Tensor, key: Tensor, mask: Tensor | None,
                         scale: float, softcap: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """One layer's debiased image mass ``[b, T]``, density ``[b, T]`` and profile ``[b, T, K]``.
 
-    Per chunk of ``n`` response query rows: logits ``[b, Hkv, g*n, keys]`` in one GEMM per kv head
-    (GQA without repeating keys), keys cut at the chunk's last query (a decoder query never sees
-    a later key), then ``p_v = exp(l_v - logsumexp(l))`` only at the image and sink keys: the full
-    softmax is never written out.
+    Per block of response query rows: logits ``[b, Hkv, g*n, keys]`` in one GEMM per kv head in the
+    model's dtype (GQA without repeating keys; as the eager attention computes them), keys cut at
+    the block's last query (a decoder query never sees a later key), then ``_picked_probs``: the
+    softmax only at the image and sink keys, never written out in full. No host synchronisation.
     """
     est = state.estimator
     b, Hq, L, d = query.shape
@@ -195,48 +243,30 @@ def _layer_connectivity(state: _Capture, query: Tensor, key: Tensor, mask: Tenso
     F = state.sink_index.shape[1]
     device = query.device
     density = est.measure == "density"
-    kT = key.float().transpose(-1, -2)  # [b, Hkv, d, L]
+    kT = key.transpose(-1, -2)  # [b, Hkv, d, L], the model's dtype
     cols = torch.cat([state.image_index, state.sink_index], 1)  # [b, I + F]
-    probs = torch.zeros(b, T, I + F, device=device)  # head-mean probability at image and sink keys
+    probs = torch.empty(b, T, I + F, device=device)  # head-mean probability at image and sink keys
     vis_cols = torch.zeros(b, T, I + F, dtype=torch.bool, device=device) if density else None
     n_ctx = torch.zeros(b, T, device=device) if density else None
-    for c0 in range(0, T, est.query_chunk):
-        c1 = min(T, c0 + est.query_chunk)
+    step = _query_rows(est, b, Hq, L, query, mask)
+    for c0 in range(0, T, step):
+        c1 = min(T, c0 + step)
         n = c1 - c0
         rows = slice(state.rows.start + c0, state.rows.start + c1)
-        Lc = rows.stop  # keys after the chunk's last query are hidden from all its rows
-        if softcap:
-            q = (query[:, :, rows].float() * scale).reshape(b, Hkv, g * n, d)
-            logits = torch.matmul(q, kT[..., :Lc]).view(b, Hkv, g, n, Lc)
-            logits = torch.tanh(logits / softcap).mul_(softcap * _LOG2E)
-        else:
-            # base-2 logits (scale * log2(e) folded into q): exp2 is several times cheaper than exp on CPU
-            q = (query[:, :, rows].float() * (scale * _LOG2E)).reshape(b, Hkv, g * n, d)
-            logits = torch.matmul(q, kT[..., :Lc]).view(b, Hkv, g, n, Lc)
+        Lc = rows.stop  # keys after the block's last query are hidden from all its rows
+        q = query[:, :, rows].reshape(b, Hkv, g * n, d)
+        logits = torch.matmul(q, kT[..., :Lc]).view(b, Hkv, g, n, Lc)
         del q
-        if mask is None:
-            # sdpa's causal mask without padding: only the chunk's own key block is triangular
-            vis, bias = _visible(None, rows, Lc, device)
-            logits[..., rows.start:].masked_fill_(~vis[..., rows.start:], float("-inf"))
-        else:
-            vis, bias = _visible(mask, rows, Lc, device)
-            vis5 = vis.reshape(b, Hkv, g, n, Lc) if vis.shape[1] == Hq else vis.reshape(vis.shape[0], 1, 1, n, Lc)
-            if bias is not None:
-                logits += bias.reshape(vis5.shape) * _LOG2E
-            logits.masked_fill_(~vis5, float("-inf"))
-        cols_c = cols.clamp_max(Lc - 1)  # image keys after the chunk's last query are hidden (zeroed below)
-        picked = logits.gather(4, cols_c[:, None, None, None, :].expand(b, Hkv, g, n, I + F))
-        # Softmax at the picked keys only, base 2, in place: p = exp2(l - top) / sum exp2(l - top).
-        # The row max contributes exp2(0) = 1, so the sum is >= 1 whenever a key is visible; a query
-        # that sees no key (a padding row) has top = -inf, clamped so that everything is 0, not NaN.
-        top = logits.amax(dim=-1, keepdim=True).clamp_min_(-1e30)
-        z = logits.sub_(top).exp2_().sum(dim=-1, keepdim=True).clamp_min_(1.0)
+        mask_rows = None if mask is None else mask[:, :, rows, :Lc]
+        qpos = torch.arange(rows.start, rows.stop, device=device) if mask is None else None
+        cols_c = cols.clamp_max(Lc - 1)  # image keys after the block's last query are hidden (zeroed)
+        col_ok = cols < Lc
+        probs[:, c0:c1] = _compile.run(_picked_probs, device, logits, qpos, mask_rows, cols_c, col_ok, scale, softcap)
         del logits
-        p = picked.sub_(top).exp2_().div_(z)
-        probs[:, c0:c1] = p.mean(dim=(1, 2)) * (cols < Lc)[:, None, :]
         if density:
+            vis = _visible(mask_rows, rows, Lc, device)
             vis0 = vis[:, 0].expand(b, n, Lc)
-            vis_cols[:, c0:c1] = vis0.gather(2, cols_c[:, None, :].expand(b, n, I + F)) & (cols < Lc)[:, None, :]
+            vis_cols[:, c0:c1] = vis0.gather(2, cols_c[:, None, :].expand(b, n, I + F)) & col_ok[:, None, :]
             n_ctx[:, c0:c1] = vis0.sum(-1).float()
     img_p, sink_p = probs[..., :I], probs[..., I:]
     if density:
@@ -244,6 +274,20 @@ def _layer_connectivity(state: _Capture, query: Tensor, key: Tensor, mask: Tenso
     else:
         img_vis = sink_vis = None
     return _debias(state, img_p, sink_p, img_vis, sink_vis, n_ctx)
+
+
+def _visible(mask_rows: Tensor | None, rows: slice, n_keys: int, device: torch.device) -> Tensor:
+    """``[b|1, h, n, n_keys]`` bool visibility of the keys for query rows ``rows`` (``measure="density"``).
+
+    ``None`` is sdpa's plain causal mask; a bool mask marks visible keys; a float mask is additive
+    (eager style), its very negative entries meaning hidden.
+    """
+    if mask_rows is None:
+        q = torch.arange(rows.start, rows.stop, device=device)
+        return (torch.arange(n_keys, device=device)[None, :] <= q[:, None])[None, None]
+    if mask_rows.dtype == torch.bool:
+        return mask_rows
+    return mask_rows > torch.finfo(mask_rows.dtype).min / 2
 
 
 def _debias(state: _Capture, img_p: Tensor, sink_p: Tensor, img_vis: Tensor | None, sink_vis: Tensor | None,
@@ -421,7 +465,8 @@ class AttentionConnectivity:
         sink_quantile: image keys whose mean received attention is above this quantile are sinks.
         sink_first_keys: leading valid keys treated as sinks (0: none).
         auto_layers: how many layers ``layers=None`` picks.
-        query_chunk: response query rows per softmax block (memory ``~ b * heads * query_chunk * (P+T)``).
+        query_chunk: response query rows per softmax block (memory ``~ b * heads * query_chunk * (P+T)``);
+            None: as many as fit 256 MiB on GPUs, 16 MiB on CPU (``rlcredit.functional._chunking``).
 
     Returns:
         ``EstimatorOutput(score [B, T] float32, extras={"profile": [B, T, K] float32})``, 0 on padding.
@@ -456,7 +501,7 @@ class AttentionConnectivity:
     sink_quantile: float = attrs.field(default=0.99, validator=in_range(0.0, 1.0))
     sink_first_keys: int = attrs.field(default=1, validator=int_at_least(0))
     auto_layers: int = attrs.field(default=4, validator=int_at_least(1))
-    query_chunk: int = attrs.field(default=64, validator=int_at_least(1))
+    query_chunk: int | None = attrs.field(default=None, validator=attrs.validators.optional(int_at_least(1)))
 
     requires = (POLICY, "model_inputs")
     extras = ("profile",)
@@ -506,13 +551,17 @@ class AttentionConnectivity:
         backbone = model if backbone is None else backbone
         score = torch.zeros(B, T, device=device)
         profile = torch.zeros(B, T, self.profile_bins, device=device)
+        # Image tokens per row, counted where the ids live (on the host, as rollouts keep them: no
+        # device sync; a single one for the whole batch when they are on the GPU): each row
+        # chunk's [b, I] buffers are sized from it, so the forwards below never wait for the device.
+        counts = _image_token_mask(inputs["input_ids"], model, adapter).sum(1).tolist()
         with torch.no_grad(), _capturing(model, modules, chosen, self) as state:
             for start in range(0, B, policy.rows_per_chunk):
                 rows = slice(start, min(B, start + policy.rows_per_chunk))
                 chunk = policy.slice_rows(inputs, rows)
                 chunk = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in chunk.items()}
                 img = _image_token_mask(chunk["input_ids"], model, adapter).to(device)
-                state.begin(img, chunk.get("attention_mask"), dmask[rows])
+                state.begin(img, chunk.get("attention_mask"), dmask[rows], width=max(1, *counts[rows]))
                 backbone(**chunk, use_cache=False)
                 mass, density, prof = state.finish(len(chosen))
                 m = dmask[rows]

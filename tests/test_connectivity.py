@@ -314,3 +314,37 @@ def test_at_rl_preset_end_to_end_on_a_tiny_vlm():
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert torch.isfinite(out.loss) and grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_compiled_capture_gives_the_eager_scores(qwen, monkeypatch):
+    """The capture's block function through torch.compile (on CPU here; CUDA in production)."""
+    from rlcredit.functional import _compile
+
+    model, policy, inputs, mask, attentions, prepared = qwen
+    est = AttentionConnectivity(layers=[0, 1], query_chunk=3, measure="density")
+    eager = est(_rollout(inputs, mask), policy)
+    monkeypatch.setattr(_compile, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(_compile, "_failure", [])
+    compiled = est(_rollout(inputs, mask), policy)
+    assert connectivity._picked_probs in _compile._compiled and not _compile._failure
+    torch.testing.assert_close(compiled.score, eager.score, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(compiled.extras["profile"], eager.extras["profile"], atol=1e-6, rtol=1e-5)
+
+
+def test_automatic_query_blocks_follow_the_memory_budget(qwen, monkeypatch):
+    """query_chunk=None: rows from the budget rule; the scores equal those of explicit blocks."""
+    from rlcredit.functional import _chunking
+
+    model, policy, inputs, mask, attentions, prepared = qwen
+    ref = AttentionConnectivity(layers=[1], query_chunk=1)(_rollout(inputs, mask), policy).score
+    seen = []
+    real = connectivity._query_rows
+    monkeypatch.setattr(connectivity, "_query_rows", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(_chunking, "CPU_BUDGET_MIB", 1e-3)  # ~1 KiB: a few rows per block
+    auto = AttentionConnectivity(layers=[1])(_rollout(inputs, mask), policy).score
+    torch.testing.assert_close(auto, ref, atol=1e-6, rtol=1e-5)
+    L = prepared["input_ids"].shape[1]
+    Hq = model.config.get_text_config().num_attention_heads
+    # row chunks of 2 and 1 rows (B = 3, rows_per_chunk = 2); float32 model, bool mask: 4 + 4 + 1 bytes
+    expected = {_chunking.rows_for_budget(b * Hq * L, 9, 1e-3) for b in (2, 1)}
+    assert set(seen) == expected and max(expected) < mask.shape[1], (seen, expected)

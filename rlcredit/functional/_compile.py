@@ -54,8 +54,9 @@ def compiles_on(device: torch.device) -> bool:
 def run(fn: Callable[..., Any], device: torch.device, *args: Any) -> Any:
     """``fn(*args)``, compiled where ``compiles_on(device)``, eager otherwise.
 
-    The leading dimension of every tensor argument is marked dynamic, so blocks of any length
-    (the short last chunk included) share one graph per dtype and shape pattern. If compilation
+    Every dimension of every tensor argument is marked dynamic, so blocks of any size (the short
+    last chunk, a growing key range, another vocabulary) share one graph per dtype and argument
+    pattern (sizes 0 and 1 are still specialised by ``torch._dynamo``). If compilation
     fails, a ``RuntimeWarning`` says so once and every later call runs eagerly.
     """
     if compiles_on(device):
@@ -63,8 +64,9 @@ def run(fn: Callable[..., Any], device: torch.device, *args: Any) -> Any:
         if compiled is None:
             compiled = _compiled[fn] = _compile(fn)
         for a in args:
-            if isinstance(a, torch.Tensor) and a.ndim:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
+            if isinstance(a, torch.Tensor):
+                for dim in range(a.ndim):
+                    torch._dynamo.maybe_mark_dynamic(a, dim)
         try:
             return compiled(*args)
         except _compile_errors() as err:
