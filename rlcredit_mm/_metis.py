@@ -27,7 +27,7 @@ __all__: list[str] = []
 #: At most this many worker processes (fewer when fewer CPUs are available to this process).
 MAX_WORKERS = 8
 
-_pool: tuple[int, ProcessPoolExecutor] | None = None  # (creating pid, pool): a forked child makes its own
+_pool: tuple[int, ProcessPoolExecutor, int] | None = None  # (creating pid, pool, workers): a forked child makes its own
 
 Job = tuple[int, int, "np.ndarray | None", int]  # (n nodes, n_parts, neighbours [n, k] (-1: none) or None, seed)
 
@@ -66,25 +66,26 @@ def _cpus() -> int:
     return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
-def executor() -> ProcessPoolExecutor | None:
-    """The worker pool (created on first use, per process), or None where the loop must run inline."""
+def executor() -> tuple[ProcessPoolExecutor, int] | None:
+    """``(pool, workers)`` (created on first use, per process), or None where the loop runs inline."""
     global _pool
     workers = min(_cpus(), MAX_WORKERS)
     if workers < 2 or not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
         return None
     if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
-    return _pool[1]
+        _pool = (os.getpid(), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")), workers)
+    return _pool[1], _pool[2]
 
 
 def partition_all(jobs: list[Job]) -> list[np.ndarray]:
     """``[partition(job) for job in jobs]``, the jobs spread over the worker pool when there is one."""
-    pool = executor() if len(jobs) > 1 else None
-    if pool is None:
+    found = executor() if len(jobs) > 1 else None
+    if found is None:
         return [partition(job) for job in jobs]
+    pool, workers = found
     try:
         # A few jobs per message: fewer round trips, still balanced across the workers.
-        return list(pool.map(partition, jobs, chunksize=max(1, math.ceil(len(jobs) / (4 * pool._max_workers)))))
+        return list(pool.map(partition, jobs, chunksize=max(1, math.ceil(len(jobs) / (4 * workers)))))
     except BrokenProcessPool:  # a worker died (e.g. killed for memory): drop the pool, run inline
         global _pool
         _pool = None

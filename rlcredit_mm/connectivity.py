@@ -168,15 +168,15 @@ class _Capture:
         return self.mass / n_layers, self.density / n_layers, self.profile / n_layers
 
 
-def _picked_probs(logits: Tensor, qpos: Tensor | None, mask_rows: Tensor | None, cols: Tensor, col_ok: Tensor,
-                  scale: float, softcap: float | None) -> Tensor:
+def _picked_probs(logits: Tensor, mask_rows: Tensor | None, cols: Tensor, col_ok: Tensor, scale: float,
+                  softcap: float | None) -> Tensor:
     """Head-mean softmax probabilities at key columns ``cols`` for one block of ``n`` query rows.
 
     Args:
         logits: ``[b, Hkv, g, n, Lc]`` raw ``q k^T`` in the model's dtype (GQA: ``g`` query heads per
             key/value head), keys cut at the block's last query.
-        qpos: ``[n]`` positions of the query rows when ``mask_rows`` is None (sdpa's plain causal mask).
-        mask_rows: the layer's mask rows ``[b|1, 1|Hq, n, Lc]``: bool (True: visible) or additive float.
+        mask_rows: the layer's mask rows ``[b|1, 1|Hq, n, Lc]``: bool (True: visible) or additive float;
+            None: sdpa's plain causal mask (the block's queries are the last ``n`` of the ``Lc`` keys).
         cols: ``[b, C]`` key columns (image keys, then sink keys), clamped below ``Lc``.
         col_ok: ``[b, C]`` bool, whether the unclamped column is below ``Lc`` (else probability 0).
         scale, softcap: the layer's ``scaling`` and logit soft-capping.
@@ -195,8 +195,9 @@ def _picked_probs(logits: Tensor, qpos: Tensor | None, mask_rows: Tensor | None,
     else:
         lg = logits.float() * (scale * _LOG2E)  # a new float32 block (even for float32 logits)
     if mask_rows is None:
-        hidden = torch.arange(Lc, device=lg.device)[None, :] > qpos[:, None]  # [n, Lc]: later keys
-        lg.masked_fill_(hidden, float("-inf"))
+        # Causal: only the block's own key range [Lc - n, Lc) holds keys later than some of its queries.
+        later = torch.ones(n, n, dtype=torch.bool, device=lg.device).triu_(1)
+        lg[..., Lc - n:].masked_fill_(later, float("-inf"))
     else:
         heads = (Hkv, g) if mask_rows.shape[1] != 1 else (1, 1)
         m5 = mask_rows.reshape(mask_rows.shape[0], *heads, n, Lc)
@@ -258,10 +259,9 @@ def _layer_connectivity(state: _Capture, query: Tensor, key: Tensor, mask: Tenso
         logits = torch.matmul(q, kT[..., :Lc]).view(b, Hkv, g, n, Lc)
         del q
         mask_rows = None if mask is None else mask[:, :, rows, :Lc]
-        qpos = torch.arange(rows.start, rows.stop, device=device) if mask is None else None
         cols_c = cols.clamp_max(Lc - 1)  # image keys after the block's last query are hidden (zeroed)
         col_ok = cols < Lc
-        probs[:, c0:c1] = _compile.run(_picked_probs, device, logits, qpos, mask_rows, cols_c, col_ok, scale, softcap)
+        probs[:, c0:c1] = _compile.run(_picked_probs, device, logits, mask_rows, cols_c, col_ok, scale, softcap)
         del logits
         if density:
             vis = _visible(mask_rows, rows, Lc, device)

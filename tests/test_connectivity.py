@@ -348,3 +348,21 @@ def test_automatic_query_blocks_follow_the_memory_budget(qwen, monkeypatch):
     # row chunks of 2 and 1 rows (B = 3, rows_per_chunk = 2); float32 model, bool mask: 4 + 4 + 1 bytes
     expected = {_chunking.rows_for_budget(b * Hq * L, 9, 1e-3) for b in (2, 1)}
     assert set(seen) == expected and max(expected) < mask.shape[1], (seen, expected)
+
+
+def test_unpadded_rows_take_sdpas_plain_causal_mask_and_match_the_reference():
+    """No padding at all: sdpa gets no mask (None) and the capture builds the causal one itself."""
+    model, make = make_vlm("qwen2_5_vl")
+    inputs, mask = make(B=2, P_text=4, T=6, seed=3)  # full-length responses, one image per row
+    assert bool(inputs["attention_mask"].all())
+    policy = rlcredit.HFPolicy(model, rows_per_chunk=2)
+    prepared = policy.adapter.prepare_inputs(inputs, model)
+    seen = []
+    real = connectivity._picked_probs
+    # the block function is called with mask_rows=None on this batch
+    import unittest.mock as mock
+    with mock.patch.object(connectivity, "_picked_probs", lambda *a: seen.append(a[1] is None) or real(*a)):
+        out = AttentionConnectivity(layers=[0, 1], query_chunk=4, measure="density")(_rollout(inputs, mask), policy)
+    assert seen and all(seen)
+    ref = _reference(_eager_attentions(model, prepared), prepared, mask, [0, 1], measure="density")
+    assert torch.allclose(out.score.double(), ref, atol=TOL, rtol=0)

@@ -226,25 +226,25 @@ def test_fused_token_kl_gradients_match_the_materialised_logits():
 def test_rows_for_budget_hand_computed():
     # 256 MiB over V = 151936 at 13 bytes per entry (eager KL): 268435456 // 1975168 = 135
     assert _chunking.rows_for_budget(151936, 13, 256.0) == 135
-    # compiled KL in bf16 with masked rows: 4 + 2 * 2 * 2 = 12 bytes per entry -> 147
+    # compiled KL in bf16 with masked rows: 4 + 2 * 2 * 2 = 12 bytes per entry; 512 MiB -> 294
     assert _chunking.temporaries("kl", compiled=True, masked=True, itemsize=2) == 12
-    assert _chunking.rows_for_budget(151936, 12, 256.0) == 147
+    assert _chunking.rows_for_budget(151936, 12, 512.0) == 294
     # 16 MiB on CPU over V = 32000, eager entropy (two float32 blocks): 16777216 // 256000 = 65
     assert _chunking.temporaries("entropy", compiled=False, masked=False, itemsize=4) == 8
     assert _chunking.rows_for_budget(32000, 8, 16.0) == 65
-    # fused KL, bf16 head on a GPU: 1 float32 block + two bf16 logit blocks = 8 -> 256 MiB / 1216512
-    assert _chunking.temporaries("kl", compiled=True, masked=False, itemsize=2, head_itemsize=2) == 8
-    assert _chunking.rows_for_budget(152064, 8, 256.0) == 220
+    # the fused KL's matmul chunk on a GPU: two bf16 logit blocks, 512 MiB / (152064 * 4) = 882 rows
+    assert _chunking.temporaries("lm_head", itemsize=2) == 4
+    assert _chunking.rows_for_budget(152064, 4, 512.0) == 882
     assert _chunking.rows_for_budget(10, 4, 0.5) == 13107  # fractional MiB: 524288 // 40
     assert _chunking.rows_for_budget(2**30, 4, 1.0) == 1  # never below one row
 
 
 def test_chunk_rows_validation_and_defaults():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert _chunking.default_budget_mib(cpu) == 16.0 and _chunking.default_budget_mib(gpu) == 256.0
+    assert _chunking.default_budget_mib(cpu) == 16.0 and _chunking.default_budget_mib(gpu) == 512.0
     kw = dict(width=1000, bytes_per_entry=8)
     assert _chunking.chunk_rows("f", None, None, device=cpu, **kw) == 16 * 2**20 // 8000
-    assert _chunking.chunk_rows("f", None, None, device=gpu, **kw) == 256 * 2**20 // 8000
+    assert _chunking.chunk_rows("f", None, None, device=gpu, **kw) == 512 * 2**20 // 8000
     assert _chunking.chunk_rows("f", 7, None, device=gpu, **kw) == 7
     assert _chunking.chunk_rows("f", None, 1, device=cpu, **kw) == 131
     with pytest.raises(RLCreditError, match="not both"):
@@ -275,9 +275,10 @@ def test_chunks_follow_chunk_size_exactly_and_the_budget(kernel, monkeypatch):
     calls[kernel](chunk_size=5)
     assert sizes == [5, 5, 5, 5, 3]  # uneven: the last chunk is short
     sizes.clear()
-    # 0.01 MiB = 10485 bytes; eager bytes per entry from the table (fp32 input, unmasked)
-    per = _chunking.temporaries("kl" if kernel == "fused" else kernel, compiled=False, masked=False, itemsize=4,
-                                head_itemsize=4 if kernel == "fused" else 0)
+    # 0.01 MiB = 10485 bytes; eager bytes per entry from the table (fp32 input, unmasked); the
+    # fused KL's chunk is its two float32 logit blocks (the KL over each runs in one block: its
+    # own default budget holds far more rows)
+    per = _chunking.temporaries("lm_head" if kernel == "fused" else kernel, compiled=False, masked=False, itemsize=4)
     rows = 10485 // (V * per)
     calls[kernel](budget_mib=0.01)
     assert rows >= 1 and sizes == [rows] * (N // rows) + ([N % rows] if N % rows else [])

@@ -22,8 +22,9 @@ from rlcredit.functional._checks import check_positive_int, check_real
 __all__: list[str] = []
 
 #: ``budget_mib`` when none is given, on GPUs (and any device but the CPU): large chunks turn
-#: thousands of small kernel launches into a few large ones.
-BUDGET_MIB = 256.0
+#: thousands of small kernel launches into a few large ones, and give the fused KL's LM-head
+#: matmul ~900 rows at V = 152k (compute-bound; the weight is re-read once per chunk).
+BUDGET_MIB = 512.0
 #: ... and on CPU, where float32 blocks above ~8 MiB run slower (measured single-threaded at
 #: V = 32000 and 151936: 8-64 rows are fastest, 256 rows 2-3x slower): cache-sized chunks.
 CPU_BUDGET_MIB = 16.0
@@ -40,27 +41,30 @@ _EXTRA_BYTES = {"entropy": 0, "logprob": 0, "kl": 1}
 _INPUTS = {"entropy": 1, "logprob": 1, "kl": 2}
 
 
-def temporaries(kernel: str, *, compiled: bool, masked: bool, itemsize: int, head_itemsize: int = 0) -> int:
+def temporaries(kernel: str, *, compiled: bool = False, masked: bool = False, itemsize: int) -> int:
     """Bytes per vocabulary entry of one chunk row, at the worst moment of forward or backward.
 
     Args:
-        kernel: ``"entropy"``, ``"logprob"`` or ``"kl"``.
+        kernel: ``"entropy"``, ``"logprob"``, ``"kl"``, or ``"lm_head"`` (``fused_token_kl``'s
+            matmul chunk: both runs' ``[rows, V]`` logits in the head's dtype; the KL over them
+            is then chunked as ``"kl"``).
         compiled: whether the rows run through ``torch.compile`` (``_compile.compiles_on``).
         masked: whether rows are gathered by a mask (copies in the input dtype).
-        itemsize: bytes per element of the input logits.
-        head_itemsize: for the fused KL, bytes per element of the LM head's logits (two blocks).
+        itemsize: bytes per element of the input logits (of the LM head's weight for ``"lm_head"``).
 
     Examples:
         >>> temporaries("kl", compiled=False, masked=False, itemsize=2)  # 3 float32 blocks + bool
         13
         >>> temporaries("kl", compiled=False, masked=True, itemsize=2)  # + 2 x (gather + gradient)
         21
-        >>> temporaries("kl", compiled=True, masked=False, itemsize=2, head_itemsize=2)  # 1 + 2 bf16
-        8
+        >>> temporaries("lm_head", itemsize=2)  # two bf16 logit blocks
+        4
     """
+    if kernel == "lm_head":
+        return 2 * itemsize
     fp32 = 4 * (1 if compiled else _FP32_BLOCKS[kernel]) + (0 if compiled else _EXTRA_BYTES[kernel])
     staged = 2 * _INPUTS[kernel] * itemsize if masked else 0
-    return fp32 + staged + 2 * head_itemsize
+    return fp32 + staged
 
 
 def rows_for_budget(width: int, bytes_per_entry: int, budget_mib: float) -> int:
@@ -76,7 +80,7 @@ def rows_for_budget(width: int, bytes_per_entry: int, budget_mib: float) -> int:
 
 
 def default_budget_mib(device: torch.device) -> float:
-    """``budget_mib`` when none is given: ``CPU_BUDGET_MIB`` on CPU, ``BUDGET_MIB`` elsewhere."""
+    """``budget_mib`` when none is given: ``CPU_BUDGET_MIB`` (16) on CPU, ``BUDGET_MIB`` (512) elsewhere."""
     return CPU_BUDGET_MIB if device.type == "cpu" else BUDGET_MIB
 
 

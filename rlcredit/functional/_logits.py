@@ -6,7 +6,7 @@ time (the valid rows only, when a mask is given): only ``[chunk, V]`` temporarie
 and only ``[N]`` statistics are saved for the backward, which recomputes each chunk's softmax.
 
 Chunk size: ``chunk_size=None`` (the default) takes as many rows as fit ``budget_mib`` MiB of
-temporaries (``rlcredit.functional._chunking``: 256 MiB on GPUs, 16 MiB on CPU); an int is used
+temporaries (``rlcredit.functional._chunking``: 512 MiB on GPUs, 16 MiB on CPU); an int is used
 exactly. Speed: on CUDA each chunk runs through ``torch.compile``-d row kernels (fused
 reductions, no float32 ``[chunk, V]`` block); on CPU, or where compilation is unavailable, the
 same row functions run eagerly (``rlcredit.functional._rows``, ``_compile``). Both give the same values.
@@ -56,10 +56,9 @@ def _inv_tau(fn: str, temperature: object) -> float:
 
 
 def _rows_per_chunk(fn: str, chunk_size: object, budget_mib: object, kernel: str, device: torch.device, V: int,
-                    itemsize: int, *, masked: bool, head_itemsize: int = 0) -> int:
+                    itemsize: int, *, masked: bool) -> int:
     """Rows per chunk over a vocabulary of ``V`` (the rule and its table: ``_chunking``)."""
-    per_entry = temporaries(kernel, compiled=_compile.compiles_on(device), masked=masked, itemsize=itemsize,
-                            head_itemsize=head_itemsize)
+    per_entry = temporaries(kernel, compiled=_compile.compiles_on(device), masked=masked, itemsize=itemsize)
     return chunk_rows(fn, chunk_size, budget_mib, width=V, bytes_per_entry=per_entry, device=device)
 
 
@@ -119,7 +118,7 @@ def token_entropy(
         chunk_size: rows of the flattened ``[N, V]`` logits per chunk, used exactly; None
             (default): as many as fit ``budget_mib``.
         budget_mib: MiB of ``[chunk, V]`` temporaries a chunk may hold when ``chunk_size`` is None
-            (default None: 256 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
+            (default None: 512 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
             entry))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
 
     Returns:
@@ -177,7 +176,7 @@ def selected_logprobs(
         chunk_size: rows of the flattened ``[N, V]`` logits per chunk, used exactly; None
             (default): as many as fit ``budget_mib``.
         budget_mib: MiB of ``[chunk, V]`` temporaries a chunk may hold when ``chunk_size`` is None
-            (default None: 256 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
+            (default None: 512 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
             entry))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
 
     Returns:
@@ -241,7 +240,7 @@ def token_kl(
         chunk_size: rows of the flattened ``[N, V]`` logits per chunk, used exactly; None
             (default): as many as fit ``budget_mib``.
         budget_mib: MiB of ``[chunk, V]`` temporaries a chunk may hold when ``chunk_size`` is None
-            (default None: 256 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
+            (default None: 512 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
             entry))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
         temperature: ``> 0``, applied to both runs' logits.
 
@@ -296,10 +295,13 @@ def fused_token_kl(
 
     but neither run's ``[B, T, V]`` logits are ever materialised: valid rows are index-selected
     (padding is skipped entirely), projected one chunk of rows at a time in the weight's dtype
-    (bf16 matmul is fine), and the softmax/KL runs in float32 on that ``[chunk, V]`` block (the
-    chunk's two logit blocks count towards ``budget_mib``). Differentiable w.r.t. the hidden
-    states, the weight and the bias; with autograd on, each chunk's logits are kept for the
-    backward (a ``[N, V]`` copy per run in the weight's dtype), so score under ``torch.no_grad()``.
+    (bf16 matmul is fine), and the softmax/KL runs in float32 on that ``[chunk, V]`` block.
+    Here ``chunk_size`` / ``budget_mib`` size the matmul chunk (its two logit blocks fill the
+    budget: ~880 rows at V = 152k in bf16 on a GPU, so the matmul stays compute-bound although it
+    re-reads the weight per chunk); the KL over a block is chunked as ``token_kl``'s by default.
+    Differentiable w.r.t. the hidden states, the weight and the bias; with autograd on, each
+    chunk's logits are kept for the backward (a ``[N, V]`` copy per run in the weight's dtype),
+    so score under ``torch.no_grad()``.
 
     Args:
         hidden_p: ``[B, T, H]`` last hidden states of the ``p`` run (any ``[..., H]``).
@@ -307,11 +309,11 @@ def fused_token_kl(
         weight: ``[V, H]`` LM-head (unembedding) weight.
         mask: optional ``[B, T]`` bool; only True positions are computed.
         bias: optional ``[V]`` LM-head bias.
-        chunk_size: rows of the flattened ``[N, V]`` logits per chunk, used exactly; None
-            (default): as many as fit ``budget_mib``.
-        budget_mib: MiB of ``[chunk, V]`` temporaries a chunk may hold when ``chunk_size`` is None
-            (default None: 256 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
-            entry))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
+        chunk_size: flattened positions per LM-head matmul chunk, used exactly; None (default):
+            as many as fit ``budget_mib``.
+        budget_mib: MiB of the chunk's two ``[chunk, V]`` logit blocks when ``chunk_size`` is None
+            (default None: 512 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * 2 *
+            itemsize))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
         temperature: ``> 0``, applied to both runs' logits.
 
     Returns:
@@ -351,9 +353,12 @@ def fused_token_kl(
          ("mask", mask)],
     )
     inv_tau = _inv_tau(fn, temperature)
-    # The chunk's logits are fresh [chunk, V] blocks (never gathered), in the weight's dtype.
-    chunk = _rows_per_chunk(fn, chunk_size, budget_mib, "kl", weight.device, weight.shape[0], weight.element_size(),
-                            masked=False, head_itemsize=weight.element_size())
+    # A chunk is both runs' [rows, V] logits in the weight's dtype; the KL over them is chunked as
+    # token_kl's (default budget), so on a CPU the softmax blocks stay cache-sized while the matmul
+    # gets enough rows to amortise reading the [V, H] weight once per chunk.
+    V, itemsize = weight.shape[0], weight.element_size()
+    chunk = _rows_per_chunk(fn, chunk_size, budget_mib, "lm_head", weight.device, V, itemsize, masked=False)
+    kl_chunk = _rows_per_chunk(fn, None, None, "kl", weight.device, V, itemsize, masked=False)
     flat_p, flat_q = hidden_p.reshape(-1, H), hidden_q.reshape(-1, H)
     b = None if bias is None else bias.to(weight.dtype)
     valid = _valid_rows(mask)
@@ -362,7 +367,7 @@ def fused_token_kl(
         # The matmul runs in the LM head's dtype, as in the model's own forward.
         zp = F.linear(flat_p[rows].to(weight.dtype), weight, b)
         zq = F.linear(flat_q[rows].to(weight.dtype), weight, b)
-        parts.append(KL.apply(zp, zq, None, inv_tau, zp.shape[0]))
+        parts.append(KL.apply(zp, zq, None, inv_tau, kl_chunk))
     kl = torch.cat(parts) if parts else torch.zeros(0, device=hidden_p.device)
     return _scatter(kl, valid, lead)
 
