@@ -30,7 +30,7 @@ BUDGET_MIB = 512.0
 CPU_BUDGET_MIB = 16.0
 
 #: Float32 ``[r, V]`` blocks alive at once on the eager path (forward or backward, the larger):
-#: entropy ``log p`` + ``p``; log-prob ``z`` + ``exp(z - max)``; KL ``log p``, ``log q`` and one
+#: entropy ``log p`` + ``p``; log-prob ``z / tau`` + logsumexp's ``exp``; KL ``log p``, ``log q`` and one
 #: more, plus its ``p == 0`` bool mask (one byte). Compiled, the forward is fused row reductions
 #: and the backward writes into its destination (inductor's CPU code allocates no ``[r, V]``
 #: buffer): one float32 block is counted as headroom.
