@@ -13,7 +13,7 @@ import torch
 
 import rlcredit
 from mm_models import IMAGE, make_vlm
-from rlcredit_mm import AttentionConnectivity, connectivity
+from rlcredit_mm import AttentionConnectivity, _attention_maths, connectivity
 from rlcredit_mm.connectivity import CAPTURE_IMPLEMENTATION, default_layers
 
 TOL = 1e-4
@@ -326,7 +326,7 @@ def test_compiled_capture_gives_the_eager_scores(qwen, monkeypatch):
     monkeypatch.setattr(_compile, "COMPILE_DEVICES", ("cpu",))
     monkeypatch.setattr(_compile, "_failure", [])
     compiled = est(_rollout(inputs, mask), policy)
-    assert connectivity._picked_probs in _compile._compiled and not _compile._failure
+    assert _attention_maths._picked_probs in _compile._compiled and not _compile._failure
     torch.testing.assert_close(compiled.score, eager.score, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(compiled.extras["profile"], eager.extras["profile"], atol=1e-6, rtol=1e-5)
 
@@ -338,8 +338,8 @@ def test_automatic_query_blocks_follow_the_memory_budget(qwen, monkeypatch):
     model, policy, inputs, mask, attentions, prepared = qwen
     ref = AttentionConnectivity(layers=[1], query_chunk=1)(_rollout(inputs, mask), policy).score
     seen = []
-    real = connectivity._query_rows
-    monkeypatch.setattr(connectivity, "_query_rows", lambda *a: seen.append(real(*a)) or seen[-1])
+    real = _attention_maths._query_rows
+    monkeypatch.setattr(_attention_maths, "_query_rows", lambda *a: seen.append(real(*a)) or seen[-1])
     monkeypatch.setattr(_chunking, "CPU_BUDGET_MIB", 1e-3)  # ~1 KiB: a few rows per block
     auto = AttentionConnectivity(layers=[1])(_rollout(inputs, mask), policy).score
     torch.testing.assert_close(auto, ref, atol=1e-6, rtol=1e-5)
@@ -358,10 +358,10 @@ def test_unpadded_rows_take_sdpas_plain_causal_mask_and_match_the_reference():
     policy = rlcredit.HFPolicy(model, rows_per_chunk=2)
     prepared = policy.adapter.prepare_inputs(inputs, model)
     seen = []
-    real = connectivity._picked_probs
+    real = _attention_maths._picked_probs
     # the block function is called with mask_rows=None on this batch
     import unittest.mock as mock
-    with mock.patch.object(connectivity, "_picked_probs", lambda *a: seen.append(a[1] is None) or real(*a)):
+    with mock.patch.object(_attention_maths, "_picked_probs", lambda *a: seen.append(a[1] is None) or real(*a)):
         out = AttentionConnectivity(layers=[0, 1], query_chunk=4, measure="density")(_rollout(inputs, mask), policy)
     assert seen and all(seen)
     ref = _reference(_eager_attentions(model, prepared), prepared, mask, [0, 1], measure="density")
