@@ -196,10 +196,10 @@ def peak_memory(target: str, kwargs: Mapping[str, Any] | None = None, *, device:
     spec = json.dumps({"target": target, "kwargs": dict(kwargs or {}), "device": device})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    # glibc raises its mmap threshold after the first large free, so the warm-up call's buffers
-    # would be recycled from the heap and never show in RSS again; fixed thresholds keep every
-    # large tensor in its own mapping, returned to the OS on free (RSS then tracks live tensors).
-    # (Set, not defaulted: the timing runs' steady allocator settings must not leak in here.)
+    # A measuring instrument, not a tuning: glibc raises its mmap threshold after the first large
+    # free, so the warm-up call's buffers would be recycled from the heap and never show in RSS
+    # again; fixed thresholds keep every large tensor in its own mapping, returned to the OS on
+    # free, so that RSS tracks live tensors. Only this child (which times nothing) runs with them.
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env["MALLOC_TRIM_THRESHOLD_"] = "65536"
     proc = subprocess.run(

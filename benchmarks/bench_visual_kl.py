@@ -18,7 +18,9 @@ Rows:
   forwards (the original and the perturbed inputs: the inherent cost; target <= 1.15x) and
   against one plain forward (for context). Peak memory of ``VisualKL(exact)`` against one plain
   forward (which materialises ``[B, P+T, V]`` logits) in full runs.
-- On a CUDA machine, also ``fused_token_kl`` against the LM-head matmul alone (the physical floor).
+
+The GPU figures (``fused_token_kl`` against the LM-head matmuls, the kernels against their
+bandwidth floors) are rows of ``bench_gpu``: ``python -m benchmarks --device cuda``.
 """
 
 from __future__ import annotations
@@ -117,20 +119,6 @@ def _fused_rows(quick: bool) -> list[dict]:
                     memory=m, target=None if quick else "mem <= 0.1x",
                     notes=f"the baseline's two bf16 logit tensors alone are {fmt_bytes(logits)}; the fused peak is "
                           f"its [chunk_size, V] fp32 temporaries, constant in B*T"))
-    if torch.cuda.is_available():
-        h_p, h_q, weight = _head(4096, H_QWEN25, V_QWEN25, torch.bfloat16, "cuda")
-
-        def floor():
-            (h_p @ weight.T, h_q @ weight.T)
-            torch.cuda.synchronize()
-
-        def fused():
-            F.fused_token_kl(h_p, h_q, weight)
-            torch.cuda.synchronize()
-
-        rows.append(row("fused_token_kl vs lm_head matmuls B*T=4096 bf16 (GPU)", "two lm_head matmuls",
-                        "fused_token_kl", time_ratio(floor, fused, quick=quick),
-                        notes=torch.cuda.get_device_name(0)))
     return rows
 
 

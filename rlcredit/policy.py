@@ -16,6 +16,7 @@ from torch import Tensor
 
 from rlcredit.validators import int_at_least, to_number
 from rlcredit.errors import AdapterError, RolloutError
+from rlcredit.functional import selected_logprobs, token_entropy
 from rlcredit.functional._checks import check_real, ensure, storage_problem
 
 __all__ = ["HFPolicy", "TokenStats"]
@@ -269,11 +270,12 @@ class HFPolicy:
                 lp_parts, ent_parts = [], []
                 for s in range(0, flat_h.shape[0], self.tokens_per_chunk):
                     z = self.logits_from_hidden(flat_h[s:s + self.tokens_per_chunk], temperature=temperature)
-                    logp = torch.log_softmax(z, dim=-1)
+                    # The vocabulary kernels keep only z for the backward (no float32 softmax copies)
+                    # and run fused on CUDA.
                     if logprobs:
-                        lp_parts.append(logp.gather(-1, tokens[s:s + self.tokens_per_chunk, None]).squeeze(-1))
+                        lp_parts.append(selected_logprobs(z, tokens[s:s + self.tokens_per_chunk]))
                     if entropy:
-                        ent_parts.append(-(logp.exp() * logp).sum(-1))
+                        ent_parts.append(token_entropy(z))
                 if logprobs:
                     chunks_lp.append((rows, m, torch.cat(lp_parts) if lp_parts else flat_h.new_zeros(0, dtype=torch.float32)))
                 if entropy:

@@ -14,8 +14,8 @@ module does is **our operationalisation** (METHODS.md, AT-RL), every choice a pa
    ``anchor_share`` (at least one cluster): those tokens are the anchors.
 
 Graph partitioning is a host algorithm: the kNN search runs batched on the scores' device, then
-one device-to-host copy of the neighbour lists feeds one METIS call per response. Selection and
-weighting are vectorised again.
+one device-to-host copy of the neighbour lists feeds the METIS calls of all responses at once,
+spread over worker processes (``rlcredit_mm._metis``). Selection and weighting are vectorised again.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from rlcredit.distributed import Reducer
 from rlcredit.errors import RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.rollout import Rollout
+from rlcredit_mm._metis import partition_all
 
 __all__ = ["AnchorClusters", "cluster_tokens", "select_anchor_clusters", "top_share_anchors"]
 
@@ -164,8 +165,7 @@ def cluster_tokens(
         (tensor(True), tensor(True), tensor(True), tensor(-1))
     """
     _check_inputs("cluster_tokens", connectivity, mask, profile)
-    pymetis = _load_pymetis()
-    if pymetis is None:
+    if _load_pymetis() is None:
         raise ImportError("cluster_tokens needs pymetis: pip install 'rlcredit[mm]'.")
     B, T = mask.shape
     device = mask.device
@@ -173,40 +173,27 @@ def cluster_tokens(
     if B == 0 or T == 0:
         return labels.to(device)
     k = min(int(knn), T - 1)
+    nbr_np = ok_np = None
     if k > 0:
         nbr, ok = _knn(connectivity.detach(), mask, None if profile is None else profile.detach(), k)
-        nbr_np, ok_np = nbr.cpu().numpy(), ok.cpu().numpy()
+        nbr_np, ok_np = nbr.cpu().numpy(), ok.cpu().numpy()  # the one device-to-host copy
     mask_np = mask.cpu().numpy()
-    options = pymetis.Options(seed=int(seed))
-    csr = getattr(pymetis, "CSRAdjacency", None)
-    for b in range(B):  # METIS is a host algorithm: one call per response
+    jobs, rows = [], []
+    for b in range(B):
         pos = np.flatnonzero(mask_np[b])
         n = pos.size
         if n == 0:
             continue
-        n_parts = max(2, math.ceil(n / cluster_size))
-        if n <= n_parts:
-            labels[b, torch.from_numpy(pos)] = torch.arange(n)
-            continue
-        node = np.full(T, -1, dtype=np.int64)
-        node[pos] = np.arange(n)
-        src, dst = [np.arange(n - 1)], [np.arange(1, n)]  # neighbour edges
+        local = None
         if k > 0:
-            keep = ok_np[b, pos]
-            src.append(np.repeat(np.arange(n), k).reshape(n, k)[keep])
-            dst.append(node[nbr_np[b, pos]][keep])
-        src, dst = np.concatenate(src), np.concatenate(dst)
-        # symmetrise and drop duplicates: METIS wants each undirected edge listed once from each end
-        pairs = np.unique(np.concatenate([src * n + dst, dst * n + src]))
-        xadj = np.searchsorted(pairs // n, np.arange(n + 1)).astype(np.int64)
-        adjncy = (pairs % n).astype(np.int64)
-        if csr is not None:
-            graph = {"adjacency": csr(xadj, adjncy)}
-        else:  # pymetis < 2025.2
-            graph = {"xadj": xadj, "adjncy": adjncy}
-        # Recursive bisection: balanced parts, and several times faster than k-way at hundreds of parts.
-        part = pymetis.part_graph(n_parts, **graph, options=options, recursive=True).vertex_part
-        labels[b, torch.from_numpy(pos)] = torch.as_tensor(np.asarray(part, dtype=np.int64))
+            node = np.full(T, -1, dtype=np.int64)
+            node[pos] = np.arange(n)
+            local = np.where(ok_np[b, pos], node[nbr_np[b, pos]], -1)  # [n, k] neighbours as node ids
+        jobs.append((n, max(2, math.ceil(n / cluster_size)), local, int(seed)))
+        rows.append((b, pos))
+    # All responses' graphs at once, across worker processes (rlcredit_mm._metis): METIS holds the GIL.
+    for (b, pos), part in zip(rows, partition_all(jobs)):
+        labels[b, torch.from_numpy(pos)] = torch.from_numpy(part)
     return labels.to(device)
 
 

@@ -10,7 +10,7 @@ How it is captured. The estimator registers an attention function with transform
 and switches the language model's attention implementation to it for the duration of one call.
 The function receives each layer's queries and keys *after* the rotary embedding (Qwen's 3-D
 mRoPE included), the causal + padding mask, and ``module.layer_idx``; on the chosen layers it
-computes, for the response query rows only and ``query_chunk`` rows at a time, the softmax over
+computes, for the response query rows only and one block of rows at a time, the softmax over
 all keys and keeps the head-averaged probabilities on image keys (``[b, T, I]``); then every layer
 delegates to ``sdpa``, so the forward itself is the ordinary one. No model code is patched, no
 ``[T, T]`` map is held for more than one layer and one row chunk, and nothing is captured on the
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -40,13 +39,13 @@ from rlcredit.validators import in_range, int_at_least, is_bool, one_of, to_numb
 from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit.registry import register
 from rlcredit.rollout import EstimatorOutput, Rollout
+from rlcredit_mm._attention_maths import _layer_connectivity
 
 __all__ = ["AttentionConnectivity", "default_layers"]
 
 CAPTURE_IMPLEMENTATION = "rlcredit_connectivity"
 """The name under which the capturing attention function is registered with transformers."""
 
-_LOG2E = math.log2(math.e)
 _STATE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("rlcredit_connectivity", default=None)
 
 
@@ -100,7 +99,12 @@ class _Capture:
     density: Tensor | None = None
     profile: Tensor | None = None
 
-    def begin(self, image_mask: Tensor, attention_mask: Tensor | None, response_mask: Tensor) -> None:
+    def begin(self, image_mask: Tensor, attention_mask: Tensor | None, response_mask: Tensor, width: int) -> None:
+        """Set up a row chunk; ``width`` (>= its largest image-token count, >= 1) sizes the ``[b, I]`` buffers.
+
+        The width comes from the caller's host-side count, so nothing here waits for the device;
+        columns beyond a row's own image tokens are marked invalid and contribute nothing.
+        """
         est = self.estimator
         b, L = image_mask.shape
         T = response_mask.shape[1]
@@ -123,10 +127,9 @@ class _Capture:
         if attention_mask is not None:
             img &= attention_mask.bool()
         count = img.sum(1)
-        n_img = int(count.max()) if b else 0  # one host sync per row chunk: the [b, I] buffers' width
-        order = torch.argsort((~img).to(torch.int8), dim=1, stable=True)[:, : max(n_img, 1)]
+        order = torch.argsort((~img).to(torch.int8), dim=1, stable=True)[:, : min(width, L)]
         self.image_index = order
-        self.image_valid = img.gather(1, order) & (n_img > 0)
+        self.image_valid = img.gather(1, order)
         ordinal = torch.arange(order.shape[1], device=device).expand_as(order)
         bins = ordinal * est.profile_bins // count.clamp_min(1)[:, None]
         self.image_bins = torch.nn.functional.one_hot(bins.clamp_max(est.profile_bins - 1), est.profile_bins).float()
@@ -161,131 +164,6 @@ class _Capture:
                 f"supported (register an adapter whose attention_modules(model) returns the decoder's attention modules)."
             )
         return self.mass / n_layers, self.density / n_layers, self.profile / n_layers
-
-
-def _visible(mask: Tensor | None, rows: slice, n_keys: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """``(visible [b|1, h, n, n_keys] bool, additive bias or None)`` for query rows ``rows`` from the layer's mask.
-
-    ``None`` is sdpa's plain causal mask; a bool mask marks visible keys; a float mask is additive
-    (eager style), its very negative entries meaning hidden.
-    """
-    if mask is None:
-        q = torch.arange(rows.start, rows.stop, device=device)
-        return (torch.arange(n_keys, device=device)[None, :] <= q[:, None])[None, None], None
-    m = mask[:, :, rows, :n_keys]
-    if m.dtype == torch.bool:
-        return m, None
-    return m > torch.finfo(m.dtype).min / 2, m.float()
-
-
-def _layer_connectivity(state: _Capture, query: Tensor, key: Tensor, mask: Tensor | None,
-                        scale: float, softcap: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer's debiased image mass ``[b, T]``, density ``[b, T]`` and profile ``[b, T, K]``.
-
-    Per chunk of ``n`` response query rows: logits ``[b, Hkv, g*n, keys]`` in one GEMM per kv head
-    (GQA without repeating keys), keys cut at the chunk's last query (a decoder query never sees
-    a later key), then ``p_v = exp(l_v - logsumexp(l))`` only at the image and sink keys: the full
-    softmax is never written out.
-    """
-    est = state.estimator
-    b, Hq, L, d = query.shape
-    Hkv = key.shape[1]
-    g = Hq // Hkv
-    T = state.rows.stop - state.rows.start
-    I = state.image_index.shape[1]
-    F = state.sink_index.shape[1]
-    device = query.device
-    density = est.measure == "density"
-    kT = key.float().transpose(-1, -2)  # [b, Hkv, d, L]
-    cols = torch.cat([state.image_index, state.sink_index], 1)  # [b, I + F]
-    probs = torch.zeros(b, T, I + F, device=device)  # head-mean probability at image and sink keys
-    vis_cols = torch.zeros(b, T, I + F, dtype=torch.bool, device=device) if density else None
-    n_ctx = torch.zeros(b, T, device=device) if density else None
-    for c0 in range(0, T, est.query_chunk):
-        c1 = min(T, c0 + est.query_chunk)
-        n = c1 - c0
-        rows = slice(state.rows.start + c0, state.rows.start + c1)
-        Lc = rows.stop  # keys after the chunk's last query are hidden from all its rows
-        if softcap:
-            q = (query[:, :, rows].float() * scale).reshape(b, Hkv, g * n, d)
-            logits = torch.matmul(q, kT[..., :Lc]).view(b, Hkv, g, n, Lc)
-            logits = torch.tanh(logits / softcap).mul_(softcap * _LOG2E)
-        else:
-            # base-2 logits (scale * log2(e) folded into q): exp2 is several times cheaper than exp on CPU
-            q = (query[:, :, rows].float() * (scale * _LOG2E)).reshape(b, Hkv, g * n, d)
-            logits = torch.matmul(q, kT[..., :Lc]).view(b, Hkv, g, n, Lc)
-        del q
-        if mask is None:
-            # sdpa's causal mask without padding: only the chunk's own key block is triangular
-            vis, bias = _visible(None, rows, Lc, device)
-            logits[..., rows.start:].masked_fill_(~vis[..., rows.start:], float("-inf"))
-        else:
-            vis, bias = _visible(mask, rows, Lc, device)
-            vis5 = vis.reshape(b, Hkv, g, n, Lc) if vis.shape[1] == Hq else vis.reshape(vis.shape[0], 1, 1, n, Lc)
-            if bias is not None:
-                logits += bias.reshape(vis5.shape) * _LOG2E
-            logits.masked_fill_(~vis5, float("-inf"))
-        cols_c = cols.clamp_max(Lc - 1)  # image keys after the chunk's last query are hidden (zeroed below)
-        picked = logits.gather(4, cols_c[:, None, None, None, :].expand(b, Hkv, g, n, I + F))
-        # Softmax at the picked keys only, base 2, in place: p = exp2(l - top) / sum exp2(l - top).
-        # The row max contributes exp2(0) = 1, so the sum is >= 1 whenever a key is visible; a query
-        # that sees no key (a padding row) has top = -inf, clamped so that everything is 0, not NaN.
-        top = logits.amax(dim=-1, keepdim=True).clamp_min_(-1e30)
-        z = logits.sub_(top).exp2_().sum(dim=-1, keepdim=True).clamp_min_(1.0)
-        del logits
-        p = picked.sub_(top).exp2_().div_(z)
-        probs[:, c0:c1] = p.mean(dim=(1, 2)) * (cols < Lc)[:, None, :]
-        if density:
-            vis0 = vis[:, 0].expand(b, n, Lc)
-            vis_cols[:, c0:c1] = vis0.gather(2, cols_c[:, None, :].expand(b, n, I + F)) & (cols < Lc)[:, None, :]
-            n_ctx[:, c0:c1] = vis0.sum(-1).float()
-    img_p, sink_p = probs[..., :I], probs[..., I:]
-    if density:
-        img_vis, sink_vis = vis_cols[..., :I], vis_cols[..., I:]
-    else:
-        img_vis = sink_vis = None
-    return _debias(state, img_p, sink_p, img_vis, sink_vis, n_ctx)
-
-
-def _debias(state: _Capture, img_p: Tensor, sink_p: Tensor, img_vis: Tensor | None, sink_vis: Tensor | None,
-            n_ctx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Drop sink keys, renormalise rows, and reduce to mass, density and pooled profile.
-
-    Sinks: the first ``sink_first_keys`` valid keys, and the image keys whose mean received
-    attention over the valid response rows exceeds the ``sink_quantile`` quantile of the
-    sequence's image keys. ``c_t = sum_{kept image} a / (1 - sum_{sinks} a)``. The visibility
-    counts (``img_vis``, ``sink_vis``, ``n_ctx``) are only computed for ``measure="density"``.
-    """
-    est = state.estimator
-    valid = state.image_valid  # [b, I]
-    resp = state.response_mask.float()  # [b, T]
-    if est.debias_sinks:
-        col_mean = (img_p * resp[:, :, None]).sum(1) / resp.sum(1, keepdim=True).clamp_min(1.0)  # [b, I]
-        tau = torch.nanquantile(col_mean.masked_fill(~valid, float("nan")), est.sink_quantile, dim=1)
-        outlier = valid & (col_mean > tau[:, None])  # NaN tau (no image) compares False
-        dropped = sink_p.sum(-1) + (img_p * outlier[:, None, :]).sum(-1)
-        keep = valid & ~outlier
-    else:
-        dropped = torch.zeros_like(resp)
-        outlier = torch.zeros_like(valid)
-        keep = valid
-    kept = img_p * keep[:, None, :]
-    mass = kept.sum(-1)
-    # 1 - dropped >= mass up to rounding; the max keeps c_t in [0, 1].
-    denom = torch.maximum(1.0 - dropped, mass)
-    scale = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), 0.0)
-    mass = mass * scale
-    if n_ctx is None:
-        density = torch.zeros_like(mass)
-    else:
-        n_img = (img_vis & keep[:, None, :]).sum(-1).float()
-        n_dropped = (img_vis & outlier[:, None, :]).sum(-1)
-        if est.debias_sinks:
-            n_dropped = n_dropped + sink_vis.sum(-1)
-        ctx = n_ctx - n_dropped
-        density = torch.where(n_img > 0, mass * ctx / n_img.clamp_min(1.0), 0.0)
-    profile = torch.bmm(kept * scale[:, :, None], state.image_bins)  # [b, T, I] @ [b, I, K]
-    return mass, density, profile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +300,8 @@ class AttentionConnectivity:
         sink_quantile: image keys whose mean received attention is above this quantile are sinks.
         sink_first_keys: leading valid keys treated as sinks (0: none).
         auto_layers: how many layers ``layers=None`` picks.
-        query_chunk: response query rows per softmax block (memory ``~ b * heads * query_chunk * (P+T)``).
+        query_chunk: response query rows per softmax block (memory ``~ b * heads * query_chunk * (P+T)``);
+            None: as many as fit 256 MiB on GPUs, 16 MiB on CPU (``rlcredit.functional._chunking``).
 
     Returns:
         ``EstimatorOutput(score [B, T] float32, extras={"profile": [B, T, K] float32})``, 0 on padding.
@@ -457,7 +336,8 @@ class AttentionConnectivity:
     sink_quantile: float = attrs.field(default=0.99, converter=to_number, validator=in_range(0.0, 1.0))
     sink_first_keys: int = attrs.field(default=1, converter=to_number, validator=int_at_least(0))
     auto_layers: int = attrs.field(default=4, converter=to_number, validator=int_at_least(1))
-    query_chunk: int = attrs.field(default=64, converter=to_number, validator=int_at_least(1))
+    query_chunk: int | None = attrs.field(default=None, converter=to_number,
+                                          validator=attrs.validators.optional(int_at_least(1)))
 
     requires = (POLICY, Field("model_inputs"))
     extras = ("profile",)
@@ -507,13 +387,17 @@ class AttentionConnectivity:
         backbone = model if backbone is None else backbone
         score = torch.zeros(B, T, device=device)
         profile = torch.zeros(B, T, self.profile_bins, device=device)
+        # Image tokens per row, counted where the ids live (on the host, as rollouts keep them: no
+        # device sync; a single one for the whole batch when they are on the GPU): each row
+        # chunk's [b, I] buffers are sized from it, so the forwards below never wait for the device.
+        counts = _image_token_mask(inputs["input_ids"], model, adapter).sum(1).tolist()
         with torch.no_grad(), _capturing(model, modules, chosen, self) as state:
             for start in range(0, B, policy.rows_per_chunk):
                 rows = slice(start, min(B, start + policy.rows_per_chunk))
                 chunk = policy.slice_rows(inputs, rows)
                 chunk = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in chunk.items()}
                 img = _image_token_mask(chunk["input_ids"], model, adapter).to(device)
-                state.begin(img, chunk.get("attention_mask"), dmask[rows])
+                state.begin(img, chunk.get("attention_mask"), dmask[rows], width=max(1, *counts[rows]))
                 backbone(**chunk, use_cache=False)
                 mass, density, prof = state.finish(len(chosen))
                 m = dmask[rows]

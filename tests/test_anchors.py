@@ -173,6 +173,61 @@ def test_cluster_tokens_is_deterministic_and_row_independent():
     assert torch.equal(a[1:2], cluster_tokens(c[1:2], mask[1:2], p[1:2]))
 
 
+def _reference_cluster_loop(c, mask, p, *, cluster_size=8, knn=10, seed=0):
+    """One pymetis call per response in this process, graph built by plain loops (the contract)."""
+    import pymetis
+
+    B, T = mask.shape
+    labels = torch.full((B, T), -1, dtype=torch.long)
+    pn = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    for b in range(B):
+        pos = [t for t in range(T) if mask[b, t]]
+        n = len(pos)
+        if n == 0:
+            continue
+        n_parts = max(2, math.ceil(n / cluster_size))
+        if n <= n_parts:
+            labels[b, pos] = torch.arange(n)
+            continue
+        rows = pn[b][pos]  # [n, K]
+        sim = rows @ rows.T
+        sim.fill_diagonal_(float("-inf"))
+        adj = [set() for _ in range(n)]
+        for i in range(n - 1):
+            adj[i].add(i + 1), adj[i + 1].add(i)
+        for i in range(n):
+            for j in sim[i].topk(min(knn, n - 1)).indices.tolist():
+                adj[i].add(j), adj[j].add(i)
+        xadj, adjncy = [0], []
+        for i in range(n):
+            adjncy += sorted(adj[i])
+            xadj.append(len(adjncy))
+        graph = pymetis.CSRAdjacency(torch.tensor(xadj).numpy(), torch.tensor(adjncy).numpy())
+        part = pymetis.part_graph(n_parts, adjacency=graph, options=pymetis.Options(seed=seed), recursive=True).vertex_part
+        labels[b, pos] = torch.tensor(part)
+    return labels
+
+
+def test_all_responses_are_partitioned_in_worker_processes_with_the_loop_results(monkeypatch):
+    from rlcredit_mm import _metis
+
+    g = torch.Generator().manual_seed(5)
+    B, T = 6, 48
+    c, p = torch.rand(B, T, generator=g), torch.rand(B, T, 4, generator=g)
+    mask = torch.arange(T)[None] < torch.tensor([48, 40, 17, 0, 33, 9])[:, None]
+    calls = []
+    real = _metis.partition_all
+    monkeypatch.setattr(anchors, "partition_all", lambda jobs: calls.append(len(jobs)) or real(jobs))
+    pooled = cluster_tokens(c, mask, p, cluster_size=5, knn=4, seed=2)
+    assert calls == [5]  # one hand-over for the batch (the empty row has no graph)
+    if _metis.executor() is not None:  # Linux with >= 2 CPUs: the pool did the work
+        assert _metis._pool is not None and _metis._pool[0] == __import__("os").getpid()
+    monkeypatch.setattr(_metis, "executor", lambda: None)  # the inline loop
+    inline = cluster_tokens(c, mask, p, cluster_size=5, knn=4, seed=2)
+    assert torch.equal(pooled, inline)
+    assert torch.equal(inline, _reference_cluster_loop(c, mask, p, cluster_size=5, knn=4, seed=2))
+
+
 # ---------------------------------------------------------------------------- the weighter
 
 

@@ -14,7 +14,7 @@ import torch
 import rlcredit
 from rlcredit.requirements import POLICY, Field
 from mm_models import IMAGE, make_vlm
-from rlcredit_mm import AttentionConnectivity, connectivity
+from rlcredit_mm import AttentionConnectivity, _attention_maths, connectivity
 from rlcredit_mm.connectivity import CAPTURE_IMPLEMENTATION, default_layers
 
 TOL = 1e-4
@@ -325,3 +325,55 @@ def test_at_rl_preset_end_to_end_on_a_tiny_vlm(arch):
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert torch.isfinite(out.loss) and grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_compiled_capture_gives_the_eager_scores(qwen, monkeypatch):
+    """The capture's block function through torch.compile (on CPU here; CUDA in production)."""
+    from rlcredit.functional import _compile
+
+    model, policy, inputs, mask, attentions, prepared = qwen
+    est = AttentionConnectivity(layers=[0, 1], query_chunk=3, measure="density")
+    eager = est(_rollout(inputs, mask), policy)
+    monkeypatch.setattr(_compile, "COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(_compile, "_failure", [])
+    compiled = est(_rollout(inputs, mask), policy)
+    assert _attention_maths._picked_probs in _compile._compiled and not _compile._failure
+    torch.testing.assert_close(compiled.score, eager.score, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(compiled.extras["profile"], eager.extras["profile"], atol=1e-6, rtol=1e-5)
+
+
+def test_automatic_query_blocks_follow_the_memory_budget(qwen, monkeypatch):
+    """query_chunk=None: rows from the budget rule; the scores equal those of explicit blocks."""
+    from rlcredit.functional import _chunking
+
+    model, policy, inputs, mask, attentions, prepared = qwen
+    ref = AttentionConnectivity(layers=[1], query_chunk=1)(_rollout(inputs, mask), policy).score
+    seen = []
+    real = _attention_maths._query_rows
+    monkeypatch.setattr(_attention_maths, "_query_rows", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(_chunking, "CPU_BUDGET_MIB", 1e-3)  # ~1 KiB: a few rows per block
+    auto = AttentionConnectivity(layers=[1])(_rollout(inputs, mask), policy).score
+    torch.testing.assert_close(auto, ref, atol=1e-6, rtol=1e-5)
+    L = prepared["input_ids"].shape[1]
+    Hq = model.config.get_text_config().num_attention_heads
+    # row chunks of 2 and 1 rows (B = 3, rows_per_chunk = 2); float32 model, bool mask: 4 + 4 + 1 bytes
+    expected = {_chunking.rows_for_budget(b * Hq * L, 9, 1e-3) for b in (2, 1)}
+    assert set(seen) == expected and max(expected) < mask.shape[1], (seen, expected)
+
+
+def test_unpadded_rows_take_sdpas_plain_causal_mask_and_match_the_reference():
+    """No padding at all: sdpa gets no mask (None) and the capture builds the causal one itself."""
+    model, make = make_vlm("qwen2_5_vl")
+    inputs, mask = make(B=2, P_text=4, T=6, seed=3)  # full-length responses, one image per row
+    assert bool(inputs["attention_mask"].all())
+    policy = rlcredit.HFPolicy(model, rows_per_chunk=2)
+    prepared = policy.adapter.prepare_inputs(inputs, model)
+    seen = []
+    real = _attention_maths._picked_probs
+    # the block function is called with mask_rows=None on this batch
+    import unittest.mock as mock
+    with mock.patch.object(_attention_maths, "_picked_probs", lambda *a: seen.append(a[1] is None) or real(*a)):
+        out = AttentionConnectivity(layers=[0, 1], query_chunk=4, measure="density")(_rollout(inputs, mask), policy)
+    assert seen and all(seen)
+    ref = _reference(_eager_attentions(model, prepared), prepared, mask, [0, 1], measure="density")
+    assert torch.allclose(out.score.double(), ref, atol=TOL, rtol=0)

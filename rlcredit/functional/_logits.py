@@ -1,29 +1,36 @@
 """Per-token quantities of full-vocabulary distributions, computed in chunks of rows.
 
 A ``[B, T, V]`` float32 copy of the logits of a VLM (V ~ 150k) is tens of GiB, so every kernel
-here flattens the leading dims to ``[N, V]`` rows and walks them ``chunk_size`` contiguous rows at a
-time: only a ``[chunk_size, V]`` float32 temporary exists at once. Contiguous row chunks are the
-fast layout (slicing ``[:, s:e]`` of ``[B, T, V]`` strides across rows and is slower on CPU); 16 to
-64 rows is the sweet spot on CPU. The loop is over chunks, never over rows or tokens.
+here flattens the leading dims to ``[N, V]`` rows and walks them a chunk of contiguous rows at a
+time (the valid rows only, when a mask is given): only ``[chunk, V]`` temporaries exist at once,
+and only ``[N]`` statistics are saved for the backward, which recomputes each chunk's softmax.
+
+Chunk size: ``chunk_size=None`` (the default) takes as many rows as fit ``budget_mib`` MiB of
+temporaries (``rlcredit.functional._chunking``: 512 MiB on GPUs, 16 MiB on CPU); an int is used
+exactly. Speed: on CUDA each chunk runs through ``torch.compile``-d row kernels (fused
+reductions, no float32 ``[chunk, V]`` block); on CPU, or where compilation is unavailable, the
+same row functions run eagerly (``rlcredit.functional._rows``, ``_compile``). Both give the same values.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from rlcredit.errors import RolloutError
+from rlcredit.functional import _compile
 from rlcredit.functional._checks import (
     check_bool,
     check_device,
     check_float,
     check_int,
-    check_positive_int,
     check_real,
     check_shape,
     check_tensor,
 )
+from rlcredit.functional._chunking import chunk_rows, temporaries
+from rlcredit.functional._vocab import KL, Entropy, LogProb
+from rlcredit.functional._vocab import blocks as _blocks
 
 __all__ = ["fused_token_kl", "selected_logprobs", "token_entropy", "token_kl"]
 
@@ -44,36 +51,42 @@ def _check_vocab_tensor(fn: str, name: str, x: object) -> torch.Tensor:
     return x
 
 
-def _check_hparams(fn: str, temperature: float, chunk_size: int) -> None:
-    check_real(fn, "temperature", temperature, low=0.0, low_open=True)
-    check_positive_int(fn, "chunk_size", chunk_size)
+def _inv_tau(fn: str, temperature: object) -> float:
+    return 1.0 / float(check_real(fn, "temperature", temperature, low=0.0, low_open=True))
 
 
-def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = x.float()
-    return x if temperature == 1.0 else x / temperature
+def _rows_per_chunk(fn: str, chunk_size: object, budget_mib: object, kernel: str, device: torch.device, V: int,
+                    itemsize: int, *, masked: bool) -> int:
+    """Rows per chunk over a vocabulary of ``V`` (the rule and its table: ``_chunking``)."""
+    per_entry = temporaries(kernel, compiled=_compile.compiles_on(device), masked=masked, itemsize=itemsize)
+    return chunk_rows(fn, chunk_size, budget_mib, width=V, bytes_per_entry=per_entry, device=device)
 
 
-def _entropy_rows(logits: torch.Tensor) -> torch.Tensor:
-    """H of fp32 logit rows ``[n, V]`` -> ``[n]``; vocabulary entries at -inf add 0, not NaN."""
-    logp = torch.log_softmax(logits, dim=-1)
-    p = logp.exp()
-    plogp = torch.where(p > 0, p * logp, torch.zeros((), device=logits.device))
-    # Rounding can leave -1e-7 for a one-hot distribution; entropy is >= 0 (and + 0.0 turns the
-    # -0.0 of an exact one-hot into 0.0).
-    return (-plogp.sum(-1)).clamp_min(0.0) + 0.0
+def _check_mask(fn: str, mask: object, lead: torch.Size, ref_name: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = check_tensor(fn, "mask", mask)
+    if mask.shape != lead:
+        raise RolloutError(
+            f"{fn}: `mask` must have the leading shape of `{ref_name}` "
+            f"[{', '.join(map(str, lead))}], got shape [{', '.join(map(str, mask.shape))}]; "
+            f"pass the [B, T] response mask."
+        )
+    check_bool(fn, "mask", mask)
+    return mask
 
 
-def _kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) of fp32 logit rows ``[n, V]`` -> ``[n]``."""
-    logp = torch.log_softmax(logits_p, dim=-1)
-    logq = torch.log_softmax(logits_q, dim=-1)
-    p = logp.exp()
-    # p == 0 terms are 0 by convention; also avoids 0 * (-inf - -inf) = NaN where both runs
-    # mask the same vocabulary entries with -inf.
-    terms = torch.where(p > 0, p * (logp - logq), torch.zeros((), device=logits_p.device))
-    # The terms' sum can round to a tiny negative number for p ~= q; KL is >= 0.
-    return terms.sum(-1).clamp_min(0.0)
+def _valid_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Indices of the True positions of the flattened mask (one host sync: their count sizes the loop)."""
+    return None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _scatter(values: torch.Tensor, valid: torch.Tensor | None, lead: torch.Size) -> torch.Tensor:
+    """``[M]`` values of the processed rows -> ``lead``-shaped float32, 0 on the others (differentiable)."""
+    if valid is None:
+        return values.reshape(lead)
+    out = torch.zeros(lead.numel(), dtype=torch.float32, device=values.device)
+    return out.index_copy(0, valid, values).reshape(lead)
 
 
 def token_entropy(
@@ -81,7 +94,8 @@ def token_entropy(
     mask: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
+    budget_mib: float | None = None,
 ) -> torch.Tensor:
     """Entropy of the next-token distribution at every position, chunked over rows.
 
@@ -89,18 +103,23 @@ def token_entropy(
     LLM Reasoning* (arXiv 2506.01939), with ``p = softmax(logits / temperature)`` of the policy
     that sampled:
 
-        H = -sum_v p_v log p_v
+        H = -sum_v p_v log p_v,   dH/dz_v = -p_v (log p_v + H) / temperature
 
-    Logits are cast to float32 one chunk of ``chunk_size`` flattened rows at a time. Vocabulary
-    entries at ``-inf`` (masked tokens) contribute 0. Differentiable (autograd keeps each chunk's
-    float32 temporaries for the backward pass, so call it under ``torch.no_grad()`` for scores).
+    Logits are cast to float32 one chunk of rows at a time. Vocabulary entries at ``-inf``
+    (masked tokens) contribute 0 to the value and get gradient 0; a row whose logits are all
+    ``-inf`` has entropy 0. Differentiable (once): the backward recomputes each chunk's softmax
+    from the logits and the saved ``[N]`` log-normalisers, so no float32 ``[N, V]`` copy is kept.
 
     Args:
         logits: ``[..., V]`` logits, e.g. ``[B, T, V]``, any float dtype.
         mask: optional ``[...]`` bool (e.g. ``[B, T]``); only its True positions are computed, the
-            others are 0 (as in ``token_kl``).
+            others are 0 (and may hold anything, NaN included).
         temperature: ``> 0``, the sampling temperature.
-        chunk_size: rows of the flattened ``[N, V]`` logits per float32 chunk.
+        chunk_size: rows of the flattened ``[N, V]`` logits per chunk, used exactly; None
+            (default): as many as fit ``budget_mib``.
+        budget_mib: MiB of ``[chunk, V]`` temporaries a chunk may hold when ``chunk_size`` is None
+            (default None: 512 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
+            entry))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
 
     Returns:
         ``[...]`` float32 entropies (``[B, T]`` for ``[B, T, V]`` logits), 0 where ``mask`` is False.
@@ -116,64 +135,17 @@ def token_entropy(
     """
     fn = "token_entropy"
     logits = _check_vocab_tensor(fn, "logits", logits)
-    _check_hparams(fn, temperature, chunk_size)
     lead, V = logits.shape[:-1], logits.shape[-1]
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(lead):
             got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise RolloutError(f"{fn}: `mask` must be a bool tensor of shape {list(lead)} (logits without V), got {got}.")
-        # Only valid positions go through the vocabulary (one sync to size them, as in token_kl).
-        out = torch.zeros(lead, dtype=torch.float32, device=logits.device)
-        return out.masked_scatter(mask, token_entropy(logits[mask], temperature=temperature, chunk_size=chunk_size))
-    flat = logits.reshape(-1, V)
-    parts = [
-        _entropy_rows(_scaled(flat[s : s + chunk_size], temperature))
-        for s in range(0, flat.shape[0], chunk_size)
-    ]
-    if not parts:  # no rows: an empty result, still attached to the graph
-        return flat.float().sum(-1).reshape(lead)
-    return torch.cat(parts).reshape(lead)
-
-
-class _SelectedLogprobs(torch.autograd.Function):
-    """log_softmax(logits / tau)[token], with a backward that recomputes softmax per chunk.
-
-    Plain autograd would keep every chunk's float32 temporaries alive until backward, i.e. a full
-    ``[N, V]`` float32 copy. Here forward saves only the logits (already alive for the model's
-    own backward) and the ``[N]`` log-normalisers; backward rebuilds ``softmax`` one chunk at a
-    time: ``d logp_y / d z_v = ([v == y] - p_v) / tau``.
-    """
-
-    @staticmethod
-    def forward(ctx, flat, tokens, temperature, chunk_size):  # type: ignore[override]
-        n = flat.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=flat.device)
-        lse = torch.empty(n, dtype=torch.float32, device=flat.device)
-        for s in range(0, n, chunk_size):
-            z = _scaled(flat[s : s + chunk_size], temperature)
-            norm = torch.logsumexp(z, dim=-1)
-            lse[s : s + chunk_size] = norm
-            out[s : s + chunk_size] = z.gather(-1, tokens[s : s + chunk_size, None])[:, 0] - norm
-        ctx.save_for_backward(flat, tokens, lse)
-        ctx.temperature = temperature
-        ctx.chunk_size = chunk_size
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
-        flat, tokens, lse = ctx.saved_tensors
-        tau, chunk = ctx.temperature, ctx.chunk_size
-        grad = torch.empty_like(flat)
-        for s in range(0, flat.shape[0], chunk):
-            z = _scaled(flat[s : s + chunk], tau)
-            g = grad_out[s : s + chunk, None].float()
-            gz = -g * torch.exp(z - lse[s : s + chunk, None])
-            gz.scatter_add_(-1, tokens[s : s + chunk, None], g)
-            if tau != 1.0:
-                gz = gz / tau
-            grad[s : s + chunk] = gz
-        return grad, None, None, None
+        check_device(fn, [("logits", logits), ("mask", mask)])
+    inv_tau = _inv_tau(fn, temperature)
+    chunk = _rows_per_chunk(fn, chunk_size, budget_mib, "entropy", logits.device, V, logits.element_size(),
+                            masked=mask is not None)
+    valid = _valid_rows(mask)
+    return _scatter(Entropy.apply(logits.reshape(-1, V), valid, inv_tau, chunk), valid, lead)
 
 
 def selected_logprobs(
@@ -181,25 +153,31 @@ def selected_logprobs(
     tokens: torch.Tensor,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
+    budget_mib: float | None = None,
 ) -> torch.Tensor:
     """Log-probability of the given tokens under ``softmax(logits / temperature)``, chunked.
 
     The policy log-prob of the sampled response that every policy-gradient loss starts from
     (``logpi(y_t | s_t)``; Williams 1992, REINFORCE):
 
-        logp_t = z_{t, y_t} / tau - logsumexp_v(z_{t, v} / tau)
+        logp_t = z_{t, y_t} / tau - logsumexp_v(z_{t, v} / tau),   d logp_t / dz_{t, v} = ([v = y_t] - p_v) / tau
 
-    computed one ``chunk_size``-row float32 chunk at a time. Differentiable w.r.t. ``logits``
-    through a custom backward that recomputes each chunk's softmax instead of storing it (no
-    double backward). Token ids must lie in ``[0, V)``.
+    computed one chunk of float32 rows at a time. Differentiable (once) w.r.t. ``logits``
+    through a backward that recomputes each chunk's softmax instead of storing it. A token whose
+    logit is ``-inf`` has log-prob ``-inf`` and a finite gradient; other ``-inf`` entries get
+    gradient 0. Token ids must lie in ``[0, V)``.
 
     Args:
         logits: ``[..., V]`` logits, e.g. ``[B, T, V]`` (the logits that *predict* each response
             token, i.e. already shifted by one), any float dtype.
         tokens: ``[...]`` integer token ids, e.g. ``[B, T]``.
         temperature: ``> 0``, the sampling temperature.
-        chunk_size: rows of the flattened ``[N, V]`` logits per float32 chunk.
+        chunk_size: rows of the flattened ``[N, V]`` logits per chunk, used exactly; None
+            (default): as many as fit ``budget_mib``.
+        budget_mib: MiB of ``[chunk, V]`` temporaries a chunk may hold when ``chunk_size`` is None
+            (default None: 512 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
+            entry))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
 
     Returns:
         ``[...]`` float32 log-probs.
@@ -223,51 +201,12 @@ def selected_logprobs(
             f"with that token (shift by one)."
         )
     check_device(fn, [("logits", logits), ("tokens", tokens)])
-    _check_hparams(fn, temperature, chunk_size)
+    inv_tau = _inv_tau(fn, temperature)
     lead, V = logits.shape[:-1], logits.shape[-1]
-    flat = logits.reshape(-1, V)
-    out = _SelectedLogprobs.apply(flat, tokens.reshape(-1).long(), float(temperature), chunk_size)
+    chunk = _rows_per_chunk(fn, chunk_size, budget_mib, "logprob", logits.device, V, logits.element_size(),
+                            masked=False)
+    out = LogProb.apply(logits.reshape(-1, V), tokens.reshape(-1).long(), inv_tau, chunk)
     return out.reshape(lead)
-
-
-def _check_kl_mask(
-    fn: str, mask: object, lead: torch.Size, ref_name: str
-) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    mask = check_tensor(fn, "mask", mask)
-    if mask.shape != lead:
-        raise RolloutError(
-            f"{fn}: `mask` must have the leading shape of `{ref_name}` "
-            f"[{', '.join(map(str, lead))}], got shape [{', '.join(map(str, mask.shape))}]; "
-            f"pass the [B, T] response mask."
-        )
-    check_bool(fn, "mask", mask)
-    return mask
-
-
-def _chunked_rows_kl(
-    n: int,
-    mask: torch.Tensor | None,
-    chunk_size: int,
-    rows_kl,
-    device: torch.device,
-) -> torch.Tensor:
-    """Run ``rows_kl(rows)`` over the valid flattened rows, chunk by chunk; 0 elsewhere.
-
-    ``rows`` is a slice (all rows valid) or an index tensor of valid rows. Selecting the valid
-    rows first (one host sync to size them) skips the padding's share of the vocabulary work.
-    """
-    if mask is None:
-        parts = [rows_kl(slice(s, s + chunk_size)) for s in range(0, n, chunk_size)]
-        return torch.cat(parts) if parts else torch.zeros(0, device=device)
-    valid = mask.reshape(-1).nonzero().squeeze(1)
-    m = valid.numel()
-    parts = [rows_kl(valid[s : s + chunk_size]) for s in range(0, m, chunk_size)]
-    out = torch.zeros(n, device=device)
-    if not parts:
-        return out
-    return out.index_copy(0, valid, torch.cat(parts))
 
 
 def token_kl(
@@ -275,7 +214,8 @@ def token_kl(
     logits_q: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
+    budget_mib: float | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Exact full-vocabulary KL(p || q) per token between two runs' logits, chunked.
@@ -285,16 +225,23 @@ def token_kl(
 
         KL_t = sum_v p_v (log p_v - log q_v),  p = softmax(z_p / tau), q = softmax(z_q / tau)
 
-    Computed over the flattened rows in float32 chunks of ``chunk_size``, valid rows only, so no
-    ``[B, T, V]`` float32 temporary exists. Masked positions get 0; rounding negatives are
-    clamped to 0; vocabulary entries at ``-inf`` in ``p`` contribute 0. Meant for
-    ``torch.no_grad()`` (works, uncheaply, with autograd on).
+    Computed over the flattened rows in float32 chunks, valid rows only, so no ``[B, T, V]``
+    float32 temporary exists. Masked positions get 0; rounding negatives are clamped to 0;
+    vocabulary entries at ``-inf`` in ``p`` contribute 0 (and get gradient 0) whatever ``q``
+    holds there; an entry ``p`` allows and ``q`` rules out (``-inf``) makes the KL ``inf``.
+    Differentiable (once) w.r.t. both runs (``dKL/dz_p = p (log p - log q - KL) / tau``,
+    ``dKL/dz_q = (q - p) / tau``) without keeping float32 ``[N, V]`` copies; scores are usually
+    computed under ``torch.no_grad()``.
 
     Args:
         logits_p: ``[B, T, V]`` logits of ``p`` (any ``[..., V]``), any float dtype.
         logits_q: ``[B, T, V]`` logits of ``q``, same shape.
         mask: optional ``[B, T]`` bool; only True positions are computed.
-        chunk_size: flattened rows per float32 chunk.
+        chunk_size: rows of the flattened ``[N, V]`` logits per chunk, used exactly; None
+            (default): as many as fit ``budget_mib``.
+        budget_mib: MiB of ``[chunk, V]`` temporaries a chunk may hold when ``chunk_size`` is None
+            (default None: 512 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * bytes per
+            entry))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
         temperature: ``> 0``, applied to both runs' logits.
 
     Returns:
@@ -318,18 +265,14 @@ def token_kl(
             f" both runs must score the same positions over the same vocabulary."
         )
     lead, V = logits_p.shape[:-1], logits_p.shape[-1]
-    mask = _check_kl_mask(fn, mask, lead, "logits_p")
+    mask = _check_mask(fn, mask, lead, "logits_p")
     check_device(fn, [("logits_p", logits_p), ("logits_q", logits_q), ("mask", mask)])
-    _check_hparams(fn, temperature, chunk_size)
-    flat_p = logits_p.reshape(-1, V)
-    flat_q = logits_q.reshape(-1, V)
-
-    def rows_kl(rows):
-        return _kl_rows(_scaled(flat_p[rows], temperature), _scaled(flat_q[rows], temperature))
-
-    return _chunked_rows_kl(flat_p.shape[0], mask, chunk_size, rows_kl, logits_p.device).reshape(
-        lead
-    )
+    inv_tau = _inv_tau(fn, temperature)
+    chunk = _rows_per_chunk(fn, chunk_size, budget_mib, "kl", logits_p.device, V, logits_p.element_size(),
+                            masked=mask is not None)
+    valid = _valid_rows(mask)
+    kl = KL.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), valid, inv_tau, chunk)
+    return _scatter(kl, valid, lead)
 
 
 def fused_token_kl(
@@ -339,7 +282,8 @@ def fused_token_kl(
     mask: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
+    budget_mib: float | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Exact KL(p || q) per token from two runs' last hidden states and the LM head, fused.
@@ -350,8 +294,14 @@ def fused_token_kl(
         KL_t = sum_v p_v (log p_v - log q_v),  p = softmax(z_p / tau), q = softmax(z_q / tau)
 
     but neither run's ``[B, T, V]`` logits are ever materialised: valid rows are index-selected
-    (padding is skipped entirely), projected ``chunk_size`` rows at a time in the weight's dtype
-    (bf16 matmul is fine), and the softmax/KL runs in float32 on that ``[chunk_size, V]`` block.
+    (padding is skipped entirely), projected one chunk of rows at a time in the weight's dtype
+    (bf16 matmul is fine), and the softmax/KL runs in float32 on that ``[chunk, V]`` block.
+    Here ``chunk_size`` / ``budget_mib`` size the matmul chunk (its two logit blocks fill the
+    budget: ~880 rows at V = 152k in bf16 on a GPU, so the matmul stays compute-bound although it
+    re-reads the weight per chunk); the KL over a block is chunked as ``token_kl``'s by default.
+    Differentiable w.r.t. the hidden states, the weight and the bias; with autograd on, each
+    chunk's logits are kept for the backward (a ``[N, V]`` copy per run in the weight's dtype),
+    so score under ``torch.no_grad()``.
 
     Args:
         hidden_p: ``[B, T, H]`` last hidden states of the ``p`` run (any ``[..., H]``).
@@ -359,7 +309,11 @@ def fused_token_kl(
         weight: ``[V, H]`` LM-head (unembedding) weight.
         mask: optional ``[B, T]`` bool; only True positions are computed.
         bias: optional ``[V]`` LM-head bias.
-        chunk_size: flattened rows per chunk.
+        chunk_size: flattened positions per LM-head matmul chunk, used exactly; None (default):
+            as many as fit ``budget_mib``.
+        budget_mib: MiB of the chunk's two ``[chunk, V]`` logit blocks when ``chunk_size`` is None
+            (default None: 512 on GPUs, 16 on CPU); the rows are ``floor(budget / (V * 2 *
+            itemsize))``, at least 1 (``rlcredit.functional._chunking``). Pass one of the two.
         temperature: ``> 0``, applied to both runs' logits.
 
     Returns:
@@ -392,23 +346,28 @@ def fused_token_kl(
         bias = check_shape(fn, "bias", bias, "V", [weight.shape[0]])
         check_float(fn, "bias", bias)
     lead = hidden_p.shape[:-1]
-    mask = _check_kl_mask(fn, mask, lead, "hidden_p")
+    mask = _check_mask(fn, mask, lead, "hidden_p")
     check_device(
         fn,
         [("hidden_p", hidden_p), ("hidden_q", hidden_q), ("weight", weight), ("bias", bias),
          ("mask", mask)],
     )
-    _check_hparams(fn, temperature, chunk_size)
-    flat_p = hidden_p.reshape(-1, H)
-    flat_q = hidden_q.reshape(-1, H)
+    inv_tau = _inv_tau(fn, temperature)
+    # A chunk is both runs' [rows, V] logits in the weight's dtype; the KL over them is chunked as
+    # token_kl's (default budget), so on a CPU the softmax blocks stay cache-sized while the matmul
+    # gets enough rows to amortise reading the [V, H] weight once per chunk.
+    V, itemsize = weight.shape[0], weight.element_size()
+    chunk = _rows_per_chunk(fn, chunk_size, budget_mib, "lm_head", weight.device, V, itemsize, masked=False)
+    kl_chunk = _rows_per_chunk(fn, None, None, "kl", weight.device, V, itemsize, masked=False)
+    flat_p, flat_q = hidden_p.reshape(-1, H), hidden_q.reshape(-1, H)
     b = None if bias is None else bias.to(weight.dtype)
-
-    def rows_kl(rows):
+    valid = _valid_rows(mask)
+    parts = []
+    for _, _, rows in _blocks(flat_p.shape[0], valid, chunk):
         # The matmul runs in the LM head's dtype, as in the model's own forward.
         zp = F.linear(flat_p[rows].to(weight.dtype), weight, b)
         zq = F.linear(flat_q[rows].to(weight.dtype), weight, b)
-        return _kl_rows(_scaled(zp, temperature), _scaled(zq, temperature))
+        parts.append(KL.apply(zp, zq, None, inv_tau, kl_chunk))
+    kl = torch.cat(parts) if parts else torch.zeros(0, device=hidden_p.device)
+    return _scatter(kl, valid, lead)
 
-    return _chunked_rows_kl(flat_p.shape[0], mask, chunk_size, rows_kl, hidden_p.device).reshape(
-        lead
-    )
