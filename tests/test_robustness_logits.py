@@ -1,10 +1,7 @@
 """Issue #14's cases for the full-vocabulary kernels: masked (-inf) and NaN logits, token ids out of range.
 
-DEPENDS ON THE GPU-KERNELS WORK: ``rlcredit/functional/_logits.py`` (``token_entropy``,
-``token_kl``, ``selected_logprobs``, ``fused_token_kl``) is being rewritten by the kernels
-engineer, who owns their -inf/NaN behaviour and token-id checks. The cases that fail on main are
-marked ``xfail(strict=True)`` with the reason: when that work lands they pass, the strict mark
-turns the XPASS into a failure, and the mark must then be removed. Nothing here is skipped.
+``token_entropy``, ``token_kl``, ``selected_logprobs`` and ``fused_token_kl``
+(``rlcredit/functional/_logits.py``, on the chunked kernels of ``_vocab.py``).
 
 The rules these tests hold the kernels to (docs/troubleshooting.md):
 
@@ -27,7 +24,6 @@ from rlcredit import RolloutError
 from rlcredit import functional as F
 
 INF, NAN = math.inf, math.nan
-KERNELS = "depends on the gpu-kernels rewrite of rlcredit/functional/_logits.py (issue #14 item {})"
 
 
 def _masked_logits() -> torch.Tensor:
@@ -35,7 +31,6 @@ def _masked_logits() -> torch.Tensor:
     return torch.tensor([[[0.5, 1.5, -INF, -INF], [0.0, 1.0, 2.0, 3.0]]], requires_grad=True)
 
 
-@pytest.mark.xfail(strict=True, reason=KERNELS.format(1))
 def test_entropy_of_a_masked_vocabulary_has_finite_gradients():
     logits = _masked_logits()
     h = F.token_entropy(logits)
@@ -46,7 +41,6 @@ def test_entropy_of_a_masked_vocabulary_has_finite_gradients():
     assert torch.equal(logits.grad[0, 0, 2:], torch.zeros(2))  # masked entries get no gradient
 
 
-@pytest.mark.xfail(strict=True, reason=KERNELS.format(1))
 def test_kl_over_a_shared_masked_vocabulary_has_finite_gradients():
     p = _masked_logits()
     q = torch.tensor([[[1.5, 0.5, -INF, -INF], [3.0, 2.0, 1.0, 0.0]]])
@@ -73,26 +67,22 @@ def test_logprob_of_a_masked_token_is_minus_inf_with_a_finite_gradient():
     assert torch.isfinite(logits.grad).all()
 
 
-@pytest.mark.xfail(strict=True, reason=KERNELS.format(6))
 @pytest.mark.parametrize("token", [4, -1])
 def test_token_ids_outside_the_vocabulary_raise(token):
     with pytest.raises(RolloutError, match=r"\[0, 4\)"):
         F.selected_logprobs(torch.zeros(1, 2, 4), torch.tensor([[0, token]]))
 
 
-@pytest.mark.xfail(strict=True, reason=KERNELS.format(7))
 def test_nan_logits_give_nan_entropy_not_zero():
     h = F.token_entropy(torch.tensor([[[0.0, NAN, 1.0], [0.0, 0.0, 0.0]]]))
     assert torch.isnan(h[0, 0]) and h[0, 1] == pytest.approx(math.log(3))
 
 
-@pytest.mark.xfail(strict=True, reason=KERNELS.format(7))
 def test_nan_logits_give_nan_kl_not_zero():
     kl = F.token_kl(torch.tensor([[[0.0, NAN, 1.0], [0.0, 1.0, 2.0]]]), torch.zeros(1, 2, 3))
     assert torch.isnan(kl[0, 0]) and torch.isfinite(kl[0, 1])
 
 
-@pytest.mark.xfail(strict=True, reason=KERNELS.format(7))
 def test_nan_hidden_states_give_nan_fused_kl_not_zero():
     kl = F.fused_token_kl(torch.tensor([[[NAN, 1.0], [1.0, 0.0]]]), torch.zeros(1, 2, 2), torch.eye(2))
     assert torch.isnan(kl[0, 0]) and torch.isfinite(kl[0, 1])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from rlcredit.errors import RolloutError
 from rlcredit.functional import _compile
 from rlcredit.functional._checks import (
+    ensure,
     check_bool,
     check_device,
     check_float,
@@ -203,6 +204,10 @@ def selected_logprobs(
     check_device(fn, [("logits", logits), ("tokens", tokens)])
     inv_tau = _inv_tau(fn, temperature)
     lead, V = logits.shape[:-1], logits.shape[-1]
+    if tokens.numel():
+        ensure(((tokens >= 0) & (tokens < V)).all(), lambda: (
+            f"{fn}: token ids must lie in [0, {V}) (the vocabulary of `logits`), got min {int(tokens.min())}, "
+            f"max {int(tokens.max())}; check that the logits and the ids come from the same tokenizer and model."))
     chunk = _rows_per_chunk(fn, chunk_size, budget_mib, "logprob", logits.device, V, logits.element_size(),
                             masked=False)
     out = LogProb.apply(logits.reshape(-1, V), tokens.reshape(-1).long(), inv_tau, chunk)
