@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from rlcredit.functional import _compile
-from rlcredit.functional._chunking import default_budget_mib, rows_for_budget
+from rlcredit.functional import default_budget_mib, rows_for_budget, run_compiled
 
 if TYPE_CHECKING:
     from rlcredit_mm.connectivity import AttentionConnectivity, _Capture
@@ -118,7 +117,7 @@ def _layer_connectivity(state: _Capture, query: Tensor, key: Tensor, mask: Tenso
         mask_rows = None if mask is None else mask[:, :, rows, :Lc]
         cols_c = cols.clamp_max(Lc - 1)  # image keys after the block's last query are hidden (zeroed)
         col_ok = cols < Lc
-        probs[:, c0:c1] = _compile.run(_picked_probs, device, logits, mask_rows, cols_c, col_ok, scale, softcap)
+        probs[:, c0:c1] = run_compiled(_picked_probs, device, logits, mask_rows, cols_c, col_ok, scale, softcap)
         del logits
         if density:
             vis = _visible(mask_rows, rows, Lc, device)

@@ -41,6 +41,8 @@ from rlcredit.functional._aggregate import (
 )
 from rlcredit.functional._loss import clipped_surrogate, k3_kl, sequence_log_ratio
 from rlcredit.functional._reduce import Reducer
+from rlcredit.functional._chunking import default_budget_mib, rows_for_budget
+from rlcredit.functional._compile import run as run_compiled
 from rlcredit.functional._select import SCOPES, top_fraction_mask
 from rlcredit.functional._shaping import dependency_scale
 
@@ -53,6 +55,7 @@ __all__ = [
     "batch_normalize",
     "batch_totals",
     "clipped_surrogate",
+    "default_budget_mib",
     "dependency_scale",
     "fused_token_kl",
     "group_center",
@@ -62,6 +65,8 @@ __all__ = [
     "loss_coefficients",
     "masked_mean",
     "overlong_penalty",
+    "rows_for_budget",
+    "run_compiled",
     "selected_logprobs",
     "sequence_log_ratio",
     "token_entropy",

@@ -80,7 +80,14 @@ def rows_for_budget(width: int, bytes_per_entry: int, budget_mib: float) -> int:
 
 
 def default_budget_mib(device: torch.device) -> float:
-    """``budget_mib`` when none is given: ``CPU_BUDGET_MIB`` (16) on CPU, ``BUDGET_MIB`` (512) elsewhere."""
+    """``budget_mib`` when none is given: ``CPU_BUDGET_MIB`` (16) on CPU, ``BUDGET_MIB`` (512) elsewhere.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import default_budget_mib
+        >>> default_budget_mib(torch.device("cpu")), default_budget_mib(torch.device("cuda"))
+        (16.0, 512.0)
+    """
     return CPU_BUDGET_MIB if device.type == "cpu" else BUDGET_MIB
 
 

@@ -57,7 +57,14 @@ def run(fn: Callable[..., Any], device: torch.device, *args: Any) -> Any:
     Every dimension of every tensor argument is marked dynamic, so blocks of any size (the short
     last chunk, a growing key range, another vocabulary) share one graph per dtype and argument
     pattern (sizes 0 and 1 are still specialised by ``torch._dynamo``). If compilation
-    fails, a ``RuntimeWarning`` says so once and every later call runs eagerly.
+    fails, a ``RuntimeWarning`` says so once and every later call runs eagerly. Public as
+    ``rlcredit.functional.run_compiled``, for plugins with their own per-chunk maths.
+
+    Examples:
+        >>> import torch
+        >>> from rlcredit.functional import run_compiled
+        >>> run_compiled(torch.add, torch.device("cpu"), torch.ones(2), torch.ones(2))  # eager on CPU
+        tensor([2., 2.])
     """
     if compiles_on(device):
         compiled = _compiled.get(fn)
