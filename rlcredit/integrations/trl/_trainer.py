@@ -16,7 +16,7 @@ from rlcredit.distributed import TorchDistributedReducer
 from rlcredit.integrations.trl._config import _as_strategy, check_trl_args
 from rlcredit.errors import SpecError
 from rlcredit.policy import HFPolicy
-from rlcredit.requirements import POLICY, Field, Requirement, Signal, leaves, requirements_of
+from rlcredit.requirements import POLICY, RAW_IMAGES, Field, Requirement, Signal, leaves, requirements_of
 from rlcredit.rollout import Credit, Rollout
 from rlcredit.strategy import Strategy
 
@@ -53,10 +53,21 @@ def _parts(strategy: Strategy) -> list[tuple[str, Any]]:
 
 def _trl_view(beta: float) -> Any:
     """What the trainer gives every strategy, as a stand-in rollout for requirement checks: old log-probs,
-    entropies, model inputs, completion ids, and reference log-probs when ``beta > 0`` (never precomputed
-    perturbed-image signals such as ``aug_logprobs``)."""
-    return types.SimpleNamespace(old_logprobs=True, ref_logprobs=True if beta else None, model_inputs=True,
+    entropies, model inputs (with the raw images for a strategy that reads them), completion ids, and reference
+    log-probs when ``beta > 0`` (never precomputed perturbed-image signals such as ``aug_logprobs``)."""
+    inputs = dict.fromkeys(("input_ids", "attention_mask", RAW_IMAGES.key), True)
+    return types.SimpleNamespace(old_logprobs=True, ref_logprobs=True if beta else None, model_inputs=inputs,
                                  response_ids=True, signals={"entropy": True})
+
+
+def _prompt_images(prompts: list) -> list[list[Any]]:
+    """Each conversational prompt's images in message order (the rule of TRL's ``_tokenize_prompts``)."""
+    rows = []
+    for prompt in prompts:
+        messages = prompt if isinstance(prompt, list) else []
+        rows.append([part["image"] for message in messages if isinstance(message.get("content"), list)
+                     for part in message["content"] if part.get("type") == "image"])
+    return rows
 
 
 _ZERO_KEPT = (
@@ -125,6 +136,8 @@ class CreditGRPOTrainer(GRPOTrainer):
         self._credit_warned_zero_kept = False
         self._credit_reducer: TorchDistributedReducer | None = None
         self._credit_rewards_per_func: Tensor | None = None
+        self._credit_reads_raw_images = _reads(strategy, RAW_IMAGES)
+        self._credit_images: list[Any] | None = None
         self.last_rollout: Rollout | None = None
         self.last_credit: Credit | None = None
 
@@ -135,8 +148,18 @@ class CreditGRPOTrainer(GRPOTrainer):
         self._credit_rewards_per_func = rewards_per_func  # [B_global, n_funcs], gathered by TRL
         return rewards_per_func
 
+    def _generate(self, prompts):  # noqa: D102
+        result = super()._generate(prompts)
+        if self._credit_reads_raw_images:
+            # The images of TRL's forward: those _generate extracted (tool images merged), else (a rollout_func)
+            # the dataset images that TRL restores, which sit in the prompts' image parts.
+            images = result[6]
+            self._credit_images = list(images) if images is not None else _prompt_images(prompts)
+        return result
+
     def _generate_and_score_completions(self, inputs):  # noqa: D102
         self._credit_rewards_per_func = None
+        self._credit_images = None
         output = super()._generate_and_score_completions(inputs)
         if self._credit_rewards_per_func is None:
             raise RuntimeError(
@@ -256,6 +279,16 @@ class CreditGRPOTrainer(GRPOTrainer):
             old = logps if old is None else old
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         model_inputs.update({k: output[k] for k in _MM_TENSOR_KEYS if k in output})
+        if self._credit_reads_raw_images:  # VisualKL(stage="image"): the images before the processor
+            images = self._credit_images
+            if images is None or len(images) != B:
+                raise RuntimeError(
+                    f"CreditGRPOTrainer: the strategy reads the images before the image processor, but TRL's _generate "
+                    f"gave {'none' if images is None else len(images)} rows of images for {B} completions; this TRL "
+                    f"version is not supported (pip install 'rlcredit[trl]')."
+                )
+            model_inputs[RAW_IMAGES.key] = {"images": images, "processor": self.processing_class}
+            self._credit_images = None
         rollout = Rollout(
             response_mask=mask,
             rewards=rewards,
