@@ -70,6 +70,22 @@ def _prompt_images(prompts: list) -> list[list[Any]]:
     return rows
 
 
+@attrs.define(eq=False)
+class _TrainerPolicy(HFPolicy):
+    """``HFPolicy`` whose forwards run under the trainer's ``accelerator.autocast()``, as TRL's own do.
+
+    TRL computes the old log-probs under autocast (bf16 by default, ``GRPOConfig.bf16``); a
+    policy forward in another precision would put that precision gap (~1e-3 in log-probs) into
+    every difference with them, e.g. VPPO's ``d = log pi(y | I') - log pi_old(y | I)``.
+    """
+
+    autocast: Any = None
+
+    def response_stats(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        with self.autocast():
+            return super().response_stats(*args, **kwargs)
+
+
 _ZERO_KEPT = (
     "CreditGRPOTrainer: the strategy's token weights kept no token of a generation batch (rlcredit/kept_tokens = 0): "
     "the policy loss is 0 there and that step trains nothing. Its weighter ({weighter}) selected nothing, e.g. an "
@@ -197,7 +213,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         if is_peft_model(model):
             model = model.get_base_model()  # LoRA layers live in the base model's modules
-        return HFPolicy(model)
+        return _TrainerPolicy(model, autocast=self.accelerator.autocast)
 
     def _credit_policy_handle(self) -> HFPolicy:
         if self._credit_policy is None:  # built at the first training step, after accelerate prepared the model
