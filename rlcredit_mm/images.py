@@ -127,7 +127,8 @@ def raw_images_of(model_inputs: Mapping[str, Any] | None, batch_size: int, who: 
         try:
             raw = RawImages(raw["images"], raw["processor"])
         except SpecError as err:
-            raise RolloutError(f"{who}: {where}: {err}") from err
+            raise RolloutError(f"{who}: {where}: {err} Give the images exactly as the processor got them (PIL "
+                               f"images after any resize the trainer does, e.g. verl/EasyR1's process_image).") from err
     if not isinstance(raw, RawImages):
         raise RolloutError(
             f"{who} perturbs the images before the image processor, so {where} must be a "
