@@ -137,3 +137,22 @@ def test_raw_images_of_reads_a_mapping_or_raw_images():
         raw_images_of({"raw_images": images}, 3, "t")
     img = Image.new("RGB", (8, 8))
     assert raw_images_of({"raw_images": RawImages([[img]], proc)}, 1, "t").images == ((img,),)
+
+
+def test_only_the_image_stage_requires_raw_images():
+    from rlcredit.errors import SpecError
+    from rlcredit.requirements import POLICY, RAW_IMAGES, ModelInput, leaves
+
+    for estimate in ("k3", "exact", "fused"):
+        image = [leaf for req in VisualKL(estimate=estimate, stage="image").requires for leaf in leaves(req)]
+        pixels = [leaf for req in VisualKL(estimate=estimate).requires for leaf in leaves(req)]
+        assert RAW_IMAGES in image and POLICY in image and RAW_IMAGES not in pixels
+    assert RAW_IMAGES == ModelInput("raw_images") and RAW_IMAGES.key == "raw_images"
+    assert not RAW_IMAGES.met(types.SimpleNamespace(model_inputs=None), None)
+    with pytest.raises(SpecError, match="non-empty string"):
+        ModelInput("")
+    # with precomputed signals the k3 estimate needs neither the images nor a policy
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    r = rlcredit.Rollout(mask, torch.ones(1), torch.zeros(1, dtype=torch.long), old_logprobs=torch.zeros(1, 2),
+                         signals={"aug_logprobs": torch.zeros(1, 2)})
+    assert not rlcredit.build("vppo_released").needs_policy(r)

@@ -79,7 +79,7 @@ class _TrainerPolicy(HFPolicy):
     every difference with them, e.g. VPPO's ``d = log pi(y | I') - log pi_old(y | I)``.
     """
 
-    autocast: Any = None
+    autocast: Any = attrs.field(kw_only=True)  # a context-manager factory: the accelerator's autocast
 
     def response_stats(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
         with self.autocast():
@@ -104,7 +104,10 @@ class CreditGRPOTrainer(GRPOTrainer):
     ``loss_type``); TRL's own loss then runs. Rows for which every reward function returned None
     get advantage 0 and stay out of their group's baseline, as in TRL. With several processes,
     batch statistics (group baselines of groups split over processes, batch quantiles) span them
-    through ``rlcredit.distributed.TorchDistributedReducer``.
+    through ``rlcredit.distributed.TorchDistributedReducer``. A strategy that blackens the images
+    before the image processor (``vppo_released``: ``RAW_IMAGES`` in its requirements) gets each
+    row's images of TRL's forward and ``processing_class`` in ``model_inputs["raw_images"]``; the
+    policy's forwards run under ``accelerator.autocast()``, the precision of TRL's old log-probs.
 
     Args:
         *args: ``GRPOTrainer``'s positional arguments (``model``, ``reward_funcs``, ``args``...).
