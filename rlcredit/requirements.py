@@ -5,6 +5,9 @@ Every component declares ``requires``, a tuple of requirements, all of which mus
 - ``Field(name)``: an optional ``Rollout`` field is set (``"old_logprobs"``, ``"ref_logprobs"``,
   ``"model_inputs"``, ``"response_ids"``);
 - ``Signal(key)``: ``rollout.signals`` holds ``key``;
+- ``ModelInput(key)``: ``rollout.model_inputs`` holds ``key``; ``RAW_IMAGES`` is the one for the
+  images before the image processor (``VisualKL(stage="image")``), which TRL and verl integrations
+  add to ``model_inputs`` only for a strategy that reads it;
 - ``POLICY``: ``Strategy.assign`` was given a policy (an ``rlcredit.HFPolicy``);
 - ``Aux(name)``: a loss reads a differentiable ``[B, T]`` tensor passed at loss time,
   ``Strategy.loss(..., aux={name: tensor})`` (PAPO's log-probs on the masked image), checked by
@@ -37,8 +40,8 @@ from torch import Tensor
 
 from rlcredit.errors import SpecError
 
-__all__ = ["Requirement", "Field", "Signal", "Score", "Aux", "POLICY", "AnyOf", "AllOf", "FIELDS", "leaves",
-           "requirements_of"]
+__all__ = ["Requirement", "Field", "Signal", "ModelInput", "RAW_IMAGES", "Score", "Aux", "POLICY", "AnyOf", "AllOf",
+           "FIELDS", "leaves", "requirements_of"]
 
 FIELDS = ("old_logprobs", "ref_logprobs", "model_inputs", "response_ids")
 """The optional ``Rollout`` fields a ``Field`` requirement can name."""
@@ -108,6 +111,49 @@ class Signal:
 
     def alternatives(self) -> tuple[Requirement, ...]:
         return (self,)
+
+
+@attrs.frozen
+class ModelInput:
+    """A key ``rollout.model_inputs`` must hold: ``ModelInput("raw_images")``.
+
+    For what is not a tensor of the model's forward but travels with its inputs (the adapters
+    drop it before any forward). ``what`` says in an error message what to put there; equality
+    and ``leaves`` look at ``key`` only, so an integration asks ``ModelInput(key) in leaves(req)``.
+
+    Examples:
+        >>> import torch, rlcredit
+        >>> from rlcredit.requirements import ModelInput
+        >>> r = rlcredit.Rollout(torch.ones(1, 2, dtype=torch.bool), torch.tensor([1.0]), torch.tensor([0]),
+        ...                      model_inputs={"input_ids": torch.zeros(1, 3, dtype=torch.long), "extra": 1})
+        >>> ModelInput("extra").met(r, None), ModelInput("raw_images").met(r, None)
+        (True, False)
+        >>> ModelInput("extra", what="a flag") == ModelInput("extra"), ModelInput("extra", what="a flag").describe()
+        (True, "rollout.model_inputs['extra'] (a flag)")
+    """
+
+    key: str = attrs.field(validator=_non_empty_str)
+    what: str = attrs.field(default="", eq=False, repr=False)
+
+    def met(self, rollout: Any, policy: Any) -> bool:
+        inputs = getattr(rollout, "model_inputs", None)
+        return isinstance(inputs, Mapping) and self.key in inputs
+
+    def describe(self) -> str:
+        return f"rollout.model_inputs[{self.key!r}]" + (f" ({self.what})" if self.what else "")
+
+    def alternatives(self) -> tuple[Requirement, ...]:
+        return (self,)
+
+
+RAW_IMAGES: Requirement = ModelInput(
+    "raw_images",
+    what="each row's images as given to the image processor, and that processor: {'images': [[PIL.Image, ...] "
+         "per row], 'processor': processor} or a rlcredit_mm.images.RawImages",
+)
+"""The images before the image processor, ``rollout.model_inputs["raw_images"]``: read by
+``VisualKL(stage="image")``; the TRL and verl integrations add it when a strategy's requirements
+mention it (``RAW_IMAGES in leaves(req)``)."""
 
 
 @attrs.frozen

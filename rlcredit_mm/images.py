@@ -6,8 +6,11 @@ its own resize and before the model's image processor, which may resize again: t
 then straddle the ViT patches (most patches end up partly black). ``stage="pixels"`` (the default)
 perturbs the processed pixels instead, squares aligned to the ViT patches. For ``stage="image"``
 a trainer puts the images exactly as it handed them to the processor, and the processor, into
-``rollout.model_inputs["raw_images"]`` as a ``RawImages``; the adapters drop that key before any
-forward, so the same ``model_inputs`` serve every other estimator and the loss.
+``rollout.model_inputs["raw_images"]``: a ``RawImages``, or the plain mapping
+``{"images": [[PIL...] per row], "processor": processor}`` that the core's TRL and verl
+integrations put there (the core does not import ``rlcredit_mm``); ``raw_images_of`` turns either
+into a checked ``RawImages``. The adapters drop that key before any forward, so the same
+``model_inputs`` serve every other estimator and the loss.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit_mm.adapters.base import RAW_IMAGES_KEY
 from rlcredit_mm.perturb import per_image_keys, row_keys
 
-__all__ = ["RAW_IMAGES_KEY", "RawImages", "perturb_raw_images"]
+__all__ = ["RAW_IMAGES_KEY", "RawImages", "raw_images_of", "perturb_raw_images"]
 
 
 def _rows(value: Any) -> tuple[tuple[Any, ...], ...]:
@@ -32,10 +35,12 @@ def _rows(value: Any) -> tuple[tuple[Any, ...], ...]:
         raise SpecError(f"RawImages.images must be a list with one list of PIL images per row, got {type(value).__name__}.")
     rows = []
     for b, row in enumerate(value):
+        if row is None:  # a row without an image, as TRL writes it
+            row = ()
         if isinstance(row, Image.Image) or isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
             raise SpecError(
-                f"RawImages.images[{b}] must be the list of that row's PIL images (an empty list for a row without "
-                f"an image), got {type(row).__name__}."
+                f"RawImages.images[{b}] must be the list of that row's PIL images (an empty list or None for a row "
+                f"without an image), got {type(row).__name__}."
             )
         for i, img in enumerate(row):
             if not isinstance(img, Image.Image):
@@ -64,7 +69,7 @@ class RawImages:
     the model inputs' pixels; the perturbed ones are processed the same way.
 
     Args:
-        images: ``B`` lists of ``PIL.Image.Image`` (empty for a row without an image).
+        images: ``B`` lists of ``PIL.Image.Image`` (empty, or None, for a row without an image).
         processor: ``processor(images=[PIL...], return_tensors="pt")`` giving the adapter's image
             inputs (``pixel_values``, and ``image_grid_thw`` for the Qwen family).
 
@@ -85,16 +90,55 @@ class RawImages:
 
 
 def raw_images_of(model_inputs: Mapping[str, Any] | None, batch_size: int, who: str) -> RawImages:
-    """``model_inputs["raw_images"]``, checked: a ``RawImages`` with ``batch_size`` rows."""
+    """``model_inputs["raw_images"]`` as a checked ``RawImages`` with ``batch_size`` rows.
+
+    The value is a ``RawImages`` or the plain mapping ``{"images": ..., "processor": ...}`` (what
+    ``CreditGRPOTrainer`` and verl's ``apply_credit`` put there), converted here with
+    ``RawImages``' own checks; anything else raises.
+
+    Args:
+        model_inputs: the rollout's model inputs (or None).
+        batch_size: ``B``, the rows the images must cover.
+        who: the caller, named in error messages.
+
+    Returns:
+        The ``RawImages``.
+
+    Raises:
+        RolloutError: the key is missing or holds something else, a mapping with other keys or bad
+            content, or not ``B`` rows.
+
+    Examples:
+        >>> from PIL import Image
+        >>> from rlcredit_mm.demo.model import build_image_processor
+        >>> from rlcredit_mm.images import raw_images_of
+        >>> raw = {"images": [[Image.new("RGB", (56, 56))], None], "processor": build_image_processor()}
+        >>> [len(r) for r in raw_images_of({"raw_images": raw}, 2, "doc").images]
+        [1, 0]
+    """
     raw = None if model_inputs is None else model_inputs.get(RAW_IMAGES_KEY)
+    where = f"rollout.model_inputs[{RAW_IMAGES_KEY!r}]"
+    if isinstance(raw, Mapping):
+        if set(raw) != {"images", "processor"}:
+            raise RolloutError(
+                f"{who}: {where} as a mapping must have exactly the keys 'images' (one list of PIL images per row) "
+                f"and 'processor' (the image processor they were given to), got {sorted(map(str, raw))}."
+            )
+        try:
+            raw = RawImages(raw["images"], raw["processor"])
+        except SpecError as err:
+            raise RolloutError(f"{who}: {where}: {err} Give the images exactly as the processor got them (PIL "
+                               f"images after any resize the trainer does, e.g. verl/EasyR1's process_image).") from err
     if not isinstance(raw, RawImages):
         raise RolloutError(
-            f"{who} perturbs the images before the image processor, so rollout.model_inputs[{RAW_IMAGES_KEY!r}] must "
-            f"be a rlcredit_mm.images.RawImages (each row's PIL images as given to the processor, and the processor), "
-            f"got {type(raw).__name__}. Add it, or use stage='pixels' to perturb the processed pixels."
+            f"{who} perturbs the images before the image processor, so {where} must be a "
+            f"rlcredit_mm.images.RawImages or a mapping {{'images': [[PIL.Image, ...] per row], 'processor': "
+            f"processor}} (each row's images as given to the processor, and the processor), got "
+            f"{type(raw).__name__}. CreditGRPOTrainer adds it; with verl, pass apply_credit(..., processor=...) and "
+            f"the images; else use stage='pixels' to perturb the processed pixels."
         )
     if len(raw) != batch_size:
-        raise RolloutError(f"{who}: rollout.model_inputs[{RAW_IMAGES_KEY!r}] holds {len(raw)} rows, not B = {batch_size}.")
+        raise RolloutError(f"{who}: {where} holds {len(raw)} rows, not B = {batch_size}.")
     return raw
 
 

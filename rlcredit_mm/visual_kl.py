@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from rlcredit import functional as F
-from rlcredit.requirements import POLICY, AllOf, AnyOf, Field, Requirement, Signal
+from rlcredit.requirements import POLICY, RAW_IMAGES, AllOf, AnyOf, Field, Requirement, Signal
 from rlcredit.validators import in_range, one_of, to_component, to_number
 from rlcredit.errors import AdapterError, RolloutError, SpecError
 from rlcredit.registry import register
@@ -28,7 +28,8 @@ K3_FORMS = ("expm1", "exp")
 STAGES = ("pixels", "image")
 
 _MODEL = AllOf(POLICY, Field("model_inputs"))
-_K3_REQUIRES = (AnyOf(AllOf(Signal("aug_logprobs"), Field("old_logprobs")), _MODEL),)
+_RAW_MODEL = AllOf(POLICY, Field("model_inputs"), RAW_IMAGES)  # stage="image": the images before the processor
+_SIGNALS = AllOf(Signal("aug_logprobs"), Field("old_logprobs"))
 
 
 @register("estimator", "visual_kl")
@@ -62,8 +63,10 @@ class VisualKL:
     pixels, squares aligned to the ViT patches); ``"image"`` perturbs each raw image, as
     ``perturbation.apply_pil``, before the image processor, as VPPO's released code does (its 14-px
     squares then straddle the patches once the processor resizes), and re-runs the processor: it
-    needs ``rollout.model_inputs["raw_images"]``, a ``rlcredit_mm.images.RawImages`` (each row's
-    images as given to the processor, and the processor), which no forward sees.
+    needs ``rollout.model_inputs["raw_images"]`` (``rlcredit.requirements.RAW_IMAGES``): a
+    ``rlcredit_mm.images.RawImages`` or the mapping ``{"images": [[PIL...] per row], "processor":
+    processor}`` (each row's images as given to the processor, and the processor), which no
+    forward sees; ``CreditGRPOTrainer`` and verl's ``apply_credit`` add it for such a strategy.
 
     The perturbed forward reuses every input but the image inputs (``drop`` also masks the image
     tokens); the perturbation runs on one row chunk at a time through ``HFPolicy``'s
@@ -85,7 +88,8 @@ class VisualKL:
     Requires:
         ``k3``: ``signals["aug_logprobs"]`` and ``old_logprobs``, or a policy
         (``rlcredit.HFPolicy`` of a VLM) and ``model_inputs``. ``exact``/``fused``: a policy and
-        ``model_inputs``. ``stage="image"`` with a policy: ``model_inputs["raw_images"]`` too.
+        ``model_inputs``. ``stage="image"`` with a policy: ``model_inputs["raw_images"]`` too
+        (``RAW_IMAGES``).
 
     Returns:
         ``[B, T]`` float32 scores >= 0, 0 on padding.
@@ -134,7 +138,8 @@ class VisualKL:
 
     @property
     def requires(self) -> tuple[Requirement, ...]:
-        return _K3_REQUIRES if self.estimate == "k3" else (_MODEL,)
+        model = _RAW_MODEL if self.stage == "image" else _MODEL
+        return (AnyOf(_SIGNALS, model),) if self.estimate == "k3" else (model,)
 
     # --- entry point ----------------------------------------------------------------------------
 

@@ -15,12 +15,14 @@ from torch import Tensor
 
 from rlcredit.errors import AdapterError
 from rlcredit.registry import available, get
+from rlcredit.requirements import RAW_IMAGES
 
 __all__ = ["VLMAdapter", "ImageFn", "adapter_for", "config_of", "CLIP_MEAN", "CLIP_STD", "HALF_MEAN", "HALF_STD",
            "RAW_IMAGES_KEY"]
 
-RAW_IMAGES_KEY = "raw_images"
-"""``model_inputs`` key of the images before the processor (``rlcredit_mm.images.RawImages``).
+RAW_IMAGES_KEY: str = RAW_IMAGES.key
+"""``model_inputs`` key of the images before the processor (``"raw_images"``, the key of the core's
+``rlcredit.requirements.RAW_IMAGES``; a ``rlcredit_mm.images.RawImages`` or its plain mapping).
 
 Not a model input: every adapter's ``prepare_inputs`` drops it, so a forward never sees it.
 """

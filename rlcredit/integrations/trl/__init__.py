@@ -13,8 +13,11 @@ per ``steps_per_generation * num_iterations`` optimiser steps):
    ``old_logprobs`` (TRL's ``old_per_token_logps``, or our own forward when the strategy needs
    them and TRL skipped them), ``ref_logprobs``, ``signals["entropy"]`` when a component reads it
    (computed by TRL's own ``_get_per_token_logps_and_entropies``: same temperature, same fused
-   head, same multimodal slicing) and ``model_inputs``; plus an ``rlcredit.HFPolicy`` over
-   the trainer's own model when a component needs the policy (VPPO's perturbed forward).
+   head, same multimodal slicing) and ``model_inputs``, with ``model_inputs["raw_images"] =
+   {"images": per_row_images, "processor": processing_class}`` (the images of TRL's forward) for a
+   strategy whose requirements mention ``rlcredit.requirements.RAW_IMAGES`` (``vppo_released``'s
+   ``visual_kl(stage="image")``); plus an ``rlcredit.HFPolicy`` over the trainer's own model, its
+   forwards under TRL's autocast, when a component needs the policy (VPPO's perturbed forward).
 3. ``strategy.assign`` runs once; the token weights are folded into ``[B, T]`` advantages,
    ``A_{i,t} = w_{i,t} * A_i`` (0 on padding), which replace TRL's ``inputs["advantages"]``.
 4. TRL's own ``_compute_loss`` runs untouched. It accepts ``[B, T]`` advantages (it unsqueezes

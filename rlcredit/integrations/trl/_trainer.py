@@ -16,7 +16,7 @@ from rlcredit.distributed import TorchDistributedReducer
 from rlcredit.integrations.trl._config import _as_strategy, check_trl_args
 from rlcredit.errors import SpecError
 from rlcredit.policy import HFPolicy
-from rlcredit.requirements import POLICY, Field, Requirement, Signal, leaves, requirements_of
+from rlcredit.requirements import POLICY, RAW_IMAGES, Field, Requirement, Signal, leaves, requirements_of
 from rlcredit.rollout import Credit, Rollout
 from rlcredit.strategy import Strategy
 
@@ -53,10 +53,37 @@ def _parts(strategy: Strategy) -> list[tuple[str, Any]]:
 
 def _trl_view(beta: float) -> Any:
     """What the trainer gives every strategy, as a stand-in rollout for requirement checks: old log-probs,
-    entropies, model inputs, completion ids, and reference log-probs when ``beta > 0`` (never precomputed
-    perturbed-image signals such as ``aug_logprobs``)."""
-    return types.SimpleNamespace(old_logprobs=True, ref_logprobs=True if beta else None, model_inputs=True,
+    entropies, model inputs (with the raw images for a strategy that reads them), completion ids, and reference
+    log-probs when ``beta > 0`` (never precomputed perturbed-image signals such as ``aug_logprobs``)."""
+    inputs = dict.fromkeys(("input_ids", "attention_mask", RAW_IMAGES.key), True)
+    return types.SimpleNamespace(old_logprobs=True, ref_logprobs=True if beta else None, model_inputs=inputs,
                                  response_ids=True, signals={"entropy": True})
+
+
+def _prompt_images(prompts: list) -> list[list[Any]]:
+    """Each conversational prompt's images in message order (the rule of TRL's ``_tokenize_prompts``)."""
+    rows = []
+    for prompt in prompts:
+        messages = prompt if isinstance(prompt, list) else []
+        rows.append([part["image"] for message in messages if isinstance(message.get("content"), list)
+                     for part in message["content"] if part.get("type") == "image"])
+    return rows
+
+
+@attrs.define(eq=False)
+class _TrainerPolicy(HFPolicy):
+    """``HFPolicy`` whose forwards run under the trainer's ``accelerator.autocast()``, as TRL's own do.
+
+    TRL computes the old log-probs under autocast (bf16 by default, ``GRPOConfig.bf16``); a
+    policy forward in another precision would put that precision gap (~1e-3 in log-probs) into
+    every difference with them, e.g. VPPO's ``d = log pi(y | I') - log pi_old(y | I)``.
+    """
+
+    autocast: Any = attrs.field(kw_only=True)  # a context-manager factory: the accelerator's autocast
+
+    def response_stats(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        with self.autocast():
+            return super().response_stats(*args, **kwargs)
 
 
 _ZERO_KEPT = (
@@ -77,7 +104,10 @@ class CreditGRPOTrainer(GRPOTrainer):
     ``loss_type``); TRL's own loss then runs. Rows for which every reward function returned None
     get advantage 0 and stay out of their group's baseline, as in TRL. With several processes,
     batch statistics (group baselines of groups split over processes, batch quantiles) span them
-    through ``rlcredit.distributed.TorchDistributedReducer``.
+    through ``rlcredit.distributed.TorchDistributedReducer``. A strategy that blackens the images
+    before the image processor (``vppo_released``: ``RAW_IMAGES`` in its requirements) gets each
+    row's images of TRL's forward and ``processing_class`` in ``model_inputs["raw_images"]``; the
+    policy's forwards run under ``accelerator.autocast()``, the precision of TRL's old log-probs.
 
     Args:
         *args: ``GRPOTrainer``'s positional arguments (``model``, ``reward_funcs``, ``args``...).
@@ -125,6 +155,8 @@ class CreditGRPOTrainer(GRPOTrainer):
         self._credit_warned_zero_kept = False
         self._credit_reducer: TorchDistributedReducer | None = None
         self._credit_rewards_per_func: Tensor | None = None
+        self._credit_reads_raw_images = _reads(strategy, RAW_IMAGES)
+        self._credit_images: list[Any] | None = None
         self.last_rollout: Rollout | None = None
         self.last_credit: Credit | None = None
 
@@ -135,8 +167,18 @@ class CreditGRPOTrainer(GRPOTrainer):
         self._credit_rewards_per_func = rewards_per_func  # [B_global, n_funcs], gathered by TRL
         return rewards_per_func
 
+    def _generate(self, prompts):  # noqa: D102
+        result = super()._generate(prompts)
+        if self._credit_reads_raw_images:
+            # The images of TRL's forward: those _generate extracted (tool images merged), else (a rollout_func)
+            # the dataset images that TRL restores, which sit in the prompts' image parts.
+            images = result[6]
+            self._credit_images = list(images) if images is not None else _prompt_images(prompts)
+        return result
+
     def _generate_and_score_completions(self, inputs):  # noqa: D102
         self._credit_rewards_per_func = None
+        self._credit_images = None
         output = super()._generate_and_score_completions(inputs)
         if self._credit_rewards_per_func is None:
             raise RuntimeError(
@@ -174,7 +216,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         if is_peft_model(model):
             model = model.get_base_model()  # LoRA layers live in the base model's modules
-        return HFPolicy(model)
+        return _TrainerPolicy(model, autocast=self.accelerator.autocast)
 
     def _credit_policy_handle(self) -> HFPolicy:
         if self._credit_policy is None:  # built at the first training step, after accelerate prepared the model
@@ -256,6 +298,16 @@ class CreditGRPOTrainer(GRPOTrainer):
             old = logps if old is None else old
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         model_inputs.update({k: output[k] for k in _MM_TENSOR_KEYS if k in output})
+        if self._credit_reads_raw_images:  # VisualKL(stage="image"): the images before the processor
+            images = self._credit_images
+            if images is None or len(images) != B:
+                raise RuntimeError(
+                    f"CreditGRPOTrainer: the strategy reads the images before the image processor, but TRL's _generate "
+                    f"gave {'none' if images is None else len(images)} rows of images for {B} completions; this TRL "
+                    f"version is not supported (pip install 'rlcredit[trl]')."
+                )
+            model_inputs[RAW_IMAGES.key] = {"images": images, "processor": self.processing_class}
+            self._credit_images = None
         rollout = Rollout(
             response_mask=mask,
             rewards=rewards,

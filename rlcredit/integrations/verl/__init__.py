@@ -32,7 +32,8 @@ verl's estimator hook only sees rewards, the response mask and the group ids, so
 scores tokens needs ``apply_credit``, called where the data is (see ``credit_location``):
 ``entropy_forks`` and ``stapo`` need the per-token entropies (and old log-probs) verl's actor
 computes; ``vppo``/``vppo_paper`` need a second forward with the perturbed image and ``at_rl`` an
-attention capture, both through the model, so they run in the actor worker.
+attention capture, both through the model, so they run in the actor worker; ``vppo_released``
+(the image blackened before the processor) also needs ``processor=`` and each row's images.
 
 Examples:
     >>> from rlcredit.integrations.verl import credit_location

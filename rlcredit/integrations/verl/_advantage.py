@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,9 @@ from torch import Tensor
 from rlcredit.errors import RolloutError
 from rlcredit.integrations.verl._strategy import _as_strategy, credit_location, resolve_strategy
 from rlcredit.policy import HFPolicy
+from rlcredit.requirements import POLICY, RAW_IMAGES, leaves
 from rlcredit.rollout import Credit, Rollout
+from rlcredit.strategy import Strategy
 
 __all__ = ["compute_advantage", "apply_credit"]
 
@@ -96,6 +98,37 @@ def _merge_multimodal(items: Any) -> dict[str, Tensor]:
     return {key: torch.cat(values, dim=0) for key, values in merged.items()}
 
 
+def _batch_images(non_tensor: Any) -> list[Any] | None:
+    """Each row's images from ``non_tensor_batch["multi_modal_data"]`` (``"images"``; verl's older datasets:
+    ``"image"``), None for a row without; None when the batch has no ``multi_modal_data``."""
+    items = non_tensor.get("multi_modal_data") if non_tensor is not None else None
+    if items is None:
+        return None
+    rows = []
+    for i, item in enumerate(items):
+        if item is not None and not isinstance(item, Mapping):
+            raise RolloutError(f"apply_credit: non_tensor_batch['multi_modal_data'][{i}] must be a dict such as "
+                               f"{{'images': [PIL.Image, ...]}}, got {type(item).__name__}.")
+        rows.append(None if item is None else item.get("images", item.get("image")))
+    return rows
+
+
+def _raw_images_problem(strategy: Strategy, rollout: Rollout, images: Any, processor: Any) -> str | None:
+    """Why the strategy cannot read the images before the processor from this rollout (None: it can, or need not)."""
+    if rollout.model_inputs is None or all(req.met(rollout, POLICY) for req in strategy.requirements
+                                           if RAW_IMAGES in leaves(req)):
+        return None  # no model inputs: Strategy.assign names everything missing
+    missing = [name for name, value in (("processor=", processor), ("the images", images)) if value is None]
+    return (
+        f"apply_credit: the strategy perturbs the images before the image processor (VisualKL(stage='image'), "
+        f"the vppo_released preset), so it needs each row's images as given to the processor and that processor; "
+        f"missing: {' and '.join(missing)}. In the actor worker pass processor=self.processor and the images, "
+        f"one list of PIL images per row after verl's process_image, as raw_images= or in "
+        f"non_tensor_batch['multi_modal_data'][i]['images']. Or precompute signals['aug_logprobs'], or use "
+        f"stage='pixels' (the processed pixels)."
+    )
+
+
 def apply_credit(
     data: Any,
     *,
@@ -104,6 +137,8 @@ def apply_credit(
     signals: Mapping[str, Tensor] | None = None,
     reducer: Any = None,
     config: Any = None,
+    processor: Any = None,
+    raw_images: Sequence[Any] | None = None,
 ) -> Credit:
     """The worker extension: run the strategy on a verl batch and write its ``[B, T]`` advantages.
 
@@ -120,6 +155,14 @@ def apply_credit(
     per-sample ``multi_modal_inputs`` concatenated on dim 0. Then ``A_{i,t} = w_{i,t} * A_i`` is
     written to ``batch["advantages"]`` and ``batch["returns"]``.
 
+    A strategy that perturbs the images before the image processor (``VisualKL(stage="image")``,
+    the ``vppo_released`` preset; ``RAW_IMAGES`` in its requirements) also gets
+    ``model_inputs["raw_images"] = {"images": rows, "processor": processor}``: ``rows`` is
+    ``raw_images`` if given, else each row's ``non_tensor_batch["multi_modal_data"][i]["images"]``
+    (``"image"`` in verl's older datasets), the PIL images exactly as the processor got them (after
+    verl's ``process_image``); ``processor`` is the actor worker's ``self.processor`` (or its
+    ``image_processor``). Other strategies never read them.
+
     Args:
         data: a verl ``DataProto`` (``.batch``, ``.non_tensor_batch``) or a dict with the keys above.
         model: the actor's HF model (``transformers``), for strategies that need the policy; it is
@@ -130,12 +173,17 @@ def apply_credit(
             e.g. ``rlcredit.distributed.TorchDistributedReducer()`` in verl's FSDP workers (batch
             statistics and groups split over shards then span the ranks).
         config: a config that may carry ``rlcredit_strategy``.
+        processor: the image processor the images went through (the worker's HF processor), for
+            a strategy that perturbs the images before it.
+        raw_images: one list of PIL images per row (None or empty: no image), as given to
+            ``processor``; default: from ``non_tensor_batch["multi_modal_data"]``.
 
     Returns:
         The ``rlcredit.Credit`` (scores, token weights, advantages, metrics).
 
     Raises:
-        RolloutError: a required batch key or input is missing.
+        RolloutError: a required batch key or input is missing (for the images before the
+            processor: which of ``processor=`` and the images, and where to get them).
 
     Examples:
         >>> import torch
@@ -181,6 +229,12 @@ def apply_credit(
         if "position_ids" in keys and batch["position_ids"].ndim == 2:  # mrope (3-D) is recomputed by the model
             model_inputs["position_ids"] = batch["position_ids"]
         model_inputs.update(_merge_multimodal(non_tensor.get("multi_modal_inputs") if non_tensor is not None else None))
+    reads_raw = any(RAW_IMAGES in leaves(req) for req in strategy.requirements)
+    images = None
+    if reads_raw:
+        images = _batch_images(non_tensor) if raw_images is None else list(raw_images)
+        if model_inputs is not None and images is not None and processor is not None:
+            model_inputs[RAW_IMAGES.key] = {"images": images, "processor": processor}
     rollout = Rollout(
         response_mask=mask,
         rewards=batch[reward_key].float().sum(dim=-1),
@@ -190,6 +244,9 @@ def apply_credit(
         signals=all_signals,
         model_inputs=model_inputs,
     )
+    problem = _raw_images_problem(strategy, rollout, images, processor) if reads_raw else None
+    if problem is not None:
+        raise RolloutError(problem)
     policy = HFPolicy(model) if model is not None and strategy.needs_policy(rollout) else None
     result = strategy.assign(rollout, policy, reducer=reducer)
     advantages = result.token_advantages(mask)
