@@ -156,7 +156,7 @@ class Strategy:
             for req in requirements_of(component, who):
                 if not req.met(rollout, policy):
                     missing.append(f"{who} needs {req.describe()}")
-                    policy_helps |= POLICY in leaves(req)
+                    policy_helps |= policy is None and POLICY in leaves(req)
         if missing:
             hint = " A policy is passed as strategy.assign(rollout, policy=rlcredit.HFPolicy(model))." if policy_helps else ""
             raise RolloutError("missing inputs: " + "; ".join(missing) + "." + hint)
