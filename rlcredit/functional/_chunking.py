@@ -70,6 +70,17 @@ def temporaries(kernel: str, *, compiled: bool = False, masked: bool = False, it
 def rows_for_budget(width: int, bytes_per_entry: int, budget_mib: float) -> int:
     """``max(1, floor(budget_mib MiB / (width * bytes_per_entry)))``: rows whose temporaries fit.
 
+    The one rule by which the vocabulary kernels and the attention capture size their chunks
+    (a chunk of ``rows`` rows holds ``rows * width * bytes_per_entry`` bytes of temporaries).
+
+    Args:
+        width: entries per row (``V`` for the vocabulary kernels, key columns for attention).
+        bytes_per_entry: bytes of temporaries per entry (e.g. 13 for an eager float32 KL row).
+        budget_mib: the memory budget, in MiB.
+
+    Returns:
+        An int ``>= 1``.
+
     Examples:
         >>> rows_for_budget(151936, 13, 256.0)  # 268435456 // 1975168
         135
@@ -81,6 +92,12 @@ def rows_for_budget(width: int, bytes_per_entry: int, budget_mib: float) -> int:
 
 def default_budget_mib(device: torch.device) -> float:
     """``budget_mib`` when none is given: ``CPU_BUDGET_MIB`` (16) on CPU, ``BUDGET_MIB`` (512) elsewhere.
+
+    Args:
+        device: where the kernel runs.
+
+    Returns:
+        The budget in MiB (a float).
 
     Examples:
         >>> import torch

@@ -60,6 +60,14 @@ def run(fn: Callable[..., Any], device: torch.device, *args: Any) -> Any:
     fails, a ``RuntimeWarning`` says so once and every later call runs eagerly. Public as
     ``rlcredit.functional.run_compiled``, for plugins with their own per-chunk maths.
 
+    Args:
+        fn: a plain-torch function of tensors (traceable by ``torch.compile`` with ``fullgraph``).
+        device: the device its tensors live on (decides compiled or eager).
+        *args: its arguments.
+
+    Returns:
+        What ``fn(*args)`` returns.
+
     Examples:
         >>> import torch
         >>> from rlcredit.functional import run_compiled
