@@ -70,8 +70,9 @@ def temporaries(kernel: str, *, compiled: bool = False, masked: bool = False, it
 def rows_for_budget(width: int, bytes_per_entry: int, budget_mib: float) -> int:
     """``max(1, floor(budget_mib MiB / (width * bytes_per_entry)))``: rows whose temporaries fit.
 
-    The one rule by which the vocabulary kernels and the attention capture size their chunks
-    (a chunk of ``rows`` rows holds ``rows * width * bytes_per_entry`` bytes of temporaries).
+    The one rule by which the vocabulary kernels and the attention capture size their chunks: the
+    flattened ``[..., width]`` rows of an input are processed ``rows`` at a time, and a chunk's
+    ``[rows, width]`` temporaries hold ``rows * width * bytes_per_entry`` bytes.
 
     Args:
         width: entries per row (``V`` for the vocabulary kernels, key columns for attention).
@@ -92,6 +93,8 @@ def rows_for_budget(width: int, bytes_per_entry: int, budget_mib: float) -> int:
 
 def default_budget_mib(device: torch.device) -> float:
     """``budget_mib`` when none is given: ``CPU_BUDGET_MIB`` (16) on CPU, ``BUDGET_MIB`` (512) elsewhere.
+
+    The budget bounds a chunk's ``[rows, V]`` temporaries for ``[..., V]`` logits.
 
     Args:
         device: where the kernel runs.

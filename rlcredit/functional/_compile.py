@@ -63,7 +63,7 @@ def run(fn: Callable[..., Any], device: torch.device, *args: Any) -> Any:
     Args:
         fn: a plain-torch function of tensors (traceable by ``torch.compile`` with ``fullgraph``).
         device: the device its tensors live on (decides compiled or eager).
-        *args: its arguments.
+        *args: its arguments (tensors of any shape ``[...]``; every dimension is dynamic).
 
     Returns:
         What ``fn(*args)`` returns.
