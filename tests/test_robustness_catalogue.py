@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,12 @@ def spec_file(tmp: Path, name: str, content: bytes) -> str:
     return str(path)
 
 
-def _tmp() -> Path:
-    import tempfile
+_TMP = tempfile.TemporaryDirectory(prefix="rlcredit-catalogue-")  # removed when the test process exits
 
-    return Path(tempfile.mkdtemp(prefix="rlcredit-catalogue-"))
+
+def _tmp() -> Path:
+    """A fresh folder for one case (the cases are built at import time, so no tmp_path fixture)."""
+    return Path(tempfile.mkdtemp(dir=_TMP.name))
 
 
 @attrs.frozen
