@@ -42,6 +42,9 @@ def test_reward_hand_cases():
     ex = T.Example(shapes=(("square", "red", 0),), asked="square", answer="red", seed=0)
     good = "first i find the square . the answer is red .".split()
     assert T.reward(ex, good) == 1.0
+    assert T.reward(ex, ["hmm", "so", "hmm", "thus", *good]) == 1.0  # any filler words first
+    assert T.reward(ex, ["hmm", *good[:5], "so", *good[5:]]) == 0.0  # ... only first
+    assert T.reward(ex, ["hmm", "so", *good[5:]]) == 0.0  # a filler phrase is still needed
     assert T.reward(ex, good, finished=False) == 0.0  # cut at the length limit
     assert T.reward(ex, "ok . the answer is blue .".split()) == 0.0  # wrong colour
     assert T.reward(ex, "ok ok . the answer is red .".split()) == 0.0  # not one of the fillers
@@ -101,6 +104,19 @@ def test_prompts_repeat_rows_and_mark_image_tokens(kit):
     per = int(inputs["image_grid_thw"][0].prod())
     px = inputs["pixel_values"].view(6, per, -1)
     assert torch.equal(px[0], px[1]) and not torch.equal(px[1], px[2])
+
+
+def test_format_batch_has_the_filler_words_and_the_colour_slot(kit):
+    import random
+
+    inputs, mask, slot = M.format_batch(kit, T.make_examples(6, seed=1), random.Random(0), filler_words=5)
+    responses = inputs["input_ids"][:, -mask.shape[1]:]
+    for i in range(6):
+        words = kit.words(responses[i])
+        assert all(w in T.FILLER_WORDS for w in words[:5]) and words[5] not in T.FILLER_WORDS
+        assert T.parse_answer(words) in T.COLOURS and words[-2] == kit.vocab[int(responses[i][slot[i]])]
+        assert int(mask[i].sum()) == len(words) + 1  # + <eos>
+    assert int(mask.sum(1).max()) <= T.longest_response(5)
 
 
 def test_format_loss_never_looks_at_the_answer(kit):
@@ -163,6 +179,12 @@ def test_scale_spread_hand_cases():
 
 
 def test_config_validation_messages():
+    with pytest.raises(rlcredit.SpecError, match=r"max_new_tokens \(16\) is shorter than the longest well-formed "
+                                                 r"response with 8 filler word\(s\) \(22 tokens\)"):
+        TR.DemoConfig(max_new_tokens=16)
+    assert TR.DemoConfig(filler_words=0).response_limit == 14 and TR.DemoConfig(max_new_tokens=40).response_limit == 40
+    with pytest.raises(rlcredit.SpecError, match="device must be one of auto, cpu, cuda or cuda:N, got 'gpu'"):
+        TR.DemoConfig(device="gpu")
     with pytest.raises(rlcredit.SpecError, match="must divide prompts_per_step"):
         TR.DemoConfig(prompts_per_step=5, minibatches=2)
     with pytest.raises(rlcredit.SpecError, match=r"shapes must be in \[1, 3\]"):
@@ -199,7 +221,7 @@ def test_verdict_says_so_when_vppo_does_not_beat_grpo():
     assert lines[0].startswith("vppo is worse than grpo on this task: final accuracy 0.52 vs 0.82")
     assert lines[1].startswith("dapo no clear difference from grpo") and lines[1].endswith("intervals overlap).")
     assert R.verdict(_summary({"grpo": [0.8], "vppo": [0.5]})) == [
-        "1 seed: no intervals, so no comparison with grpo; run with --seeds 3 (the default) to compare."]
+        "1 seed: no intervals, so no comparison with grpo; run with --seeds 2 or more to compare."]
     table = R.results_table(_summary({"grpo": [0.8, 0.82, 0.84], "vppo": [0.5, 0.52, 0.54]}), threshold=0.6, steps=10)
     assert "| vppo | 0.52 [0.47, 0.57] | > 10 (0/3) |" in table
     assert "| grpo | 0.82 [0.77, 0.87] | 10 (3/3) |" in table
@@ -222,6 +244,9 @@ def _leftovers(parent: Path) -> list[str]:
     (["--steps", "0"], "DemoConfig.steps must be a positive integer, got 0"),
     (["--threshold", "1.5"], "DemoConfig.threshold is an accuracy in (0, 1], got 1.5"),
     (["--lr", "nan"], "DemoConfig.lr must be a finite number > 0, got nan"),
+    (["--hidden", "40"], "DemoConfig.hidden must be a multiple of 16"),
+    (["--device", "tpu"], "DemoConfig.device must be one of auto, cpu, cuda or cuda:N, got 'tpu'"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: torch sees 0 CUDA device(s)")]),
 ])
 def test_bad_values_exit_2_with_a_message(tmp_path, capsys, argv, message):
     out = tmp_path / "demo"
@@ -258,7 +283,8 @@ def _flag_fields():
 def test_demo_flags_are_derived_from_the_config_fields(capsys):
     """One flag per DemoConfig field with help metadata: its default when absent, its value when given."""
     fields = _flag_fields()
-    assert [f.name for f in fields] == ["presets", "seeds", "steps", "lr", "threshold", "shapes", "progress"]
+    assert [f.name for f in fields] == ["presets", "seeds", "steps", "lr", "threshold", "shapes", "filler_words", "hidden",
+                                        "layers", "device", "progress"]
     args = build_parser().parse_args(["demo"])
     assert set(vars(args)) == {"command", "out", "quick"} | {f.name for f in fields}
     assert config_from_args(args) == TR.DemoConfig()
@@ -271,6 +297,12 @@ def test_demo_flags_are_derived_from_the_config_fields(capsys):
         elif f.name == "presets":
             argv += ["--presets", "vppo, grpo"]
             want[f.name] = ("vppo", "grpo")
+        elif f.name == "device":
+            argv += ["--device", "cpu"]
+            want[f.name] = "cpu"
+        elif f.name == "hidden":
+            argv += ["--hidden", "128"]
+            want[f.name] = 128
         else:
             value = f.default + 1 if isinstance(f.default, int) else f.default / 2
             argv += ["--" + f.name.replace("_", "-"), str(value)]
@@ -288,12 +320,26 @@ def test_demo_flags_are_derived_from_the_config_fields(capsys):
         assert f.metadata["help"] in text
         if f.name != "progress":
             assert f"(default {f.default if f.name != 'presets' else ','.join(f.default)}" in text
-    assert "--no-progress" in text and "steps=4" in text and "(default 100; --quick: 4)" in text
+    assert "--no-progress" in text and "steps=4" in text and f"(default {TR.DemoConfig().steps}; --quick: 4)" in text
 
 
 def _tiny(**kwargs):
     return TR.DemoConfig.quick(steps=2, warmup_steps=2, hidden=32, eval_prompts=4, heatmap_samples=0, progress=False,
                                **kwargs)
+
+
+def test_device_plumbing_on_the_cpu(tmp_path):
+    """``--device cpu`` reaches every part of the run: the warm-up, the RL loop, the results."""
+    assert M.resolve_device("cpu") == torch.device("cpu")
+    assert M.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = build_parser().parse_args(["demo", "--quick", "--device", "cpu", "--presets", "grpo"])
+    cfg = config_from_args(args)
+    assert cfg.device == "cpu" and cfg == TR.DemoConfig.quick(device="cpu", presets=("grpo",))
+    results = run_demo(_tiny(presets=("grpo",), device="cpu"), tmp_path / "demo", stream=io.StringIO())
+    assert results["environment"]["device"] == "cpu" and results["config"]["device"] == "cpu"
+    # A model on another device gets its inputs there: to_device walks the nested inputs.
+    inputs = M.to_device(M.encode_prompts(M.ModelKit(), T.make_examples(1, seed=0)), torch.device("meta"))
+    assert {v.device.type for v in inputs.values()} == {"meta"}
 
 
 def test_presets_take_spec_files_labelled_by_their_stem(tmp_path):
@@ -413,6 +459,20 @@ def test_quick_demo_writes_with_the_usual_permissions(quick_run):
         **{str(p): oct(0o777 & ~UMASK) for p in folders}, **{str(p): oct(0o666 & ~UMASK) for p in files}}
 
 
+def test_same_arguments_give_the_same_numbers(quick_run, tmp_path):
+    """Reproducible: a second ``--quick`` run (in this process) gives the console script's numbers
+    exactly, timings aside (config, curves, measurements, summary, verdict)."""
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((out / "results.json").read_text())
+    run_demo(TR.DemoConfig.quick(progress=False), tmp_path / "again", stream=io.StringIO())
+    second = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert R.without_timings(first) == R.without_timings(second)
+    assert first["runs"][0]["step_time_s"] and "wall_time_s" in first  # timings were there, and were left out
+    assert (out / "results.md").read_text().split("Wall time")[0] == \
+        (tmp_path / "again" / "results.md").read_text().split("Wall time")[0]
+
+
 def test_quick_demo_runs_every_preset_and_writes_the_results(quick_run):
     proc, out = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -432,7 +492,22 @@ def test_quick_demo_runs_every_preset_and_writes_the_results(quick_run):
     # Binary masks keep their documented share; GRPO keeps everything with unscaled advantages.
     assert s["grpo"]["kept_share"] == 1.0 and s["grpo"]["scale_std"] == 0.0
     assert s["vppo"]["kept_share"] < 0.75 and s["entropy_forks"]["kept_share"] < 0.5
-    for name in ("curves.png", "heatmaps.png", "sample.png"):
+    # The mechanism evidence: GRPO's own credit is GRPO's (ratio 1); VPPO's prediction is k E_w[alpha^2].
+    for preset, summary in s.items():
+        g = summary["grad_variance"]
+        assert {"measured_ratio", "predicted_ratio", "uncorrelated_ratio", "measured_interval", "predicted_interval",
+                "per_seed", "answer_kept", "measurements"} <= set(g), preset
+        assert set(summary["dependency"]) == {"black", "patch_blackout"}
+        assert set(summary["dependency"]["black"]) == {"half_share", "skewness", "answer_share", "max"}
+    assert s["grpo"]["grad_variance"]["measured_ratio"] == pytest.approx(1.0)
+    assert s["grpo"]["grad_variance"]["predicted_ratio"] == pytest.approx(1.0)
+    vppo = s["vppo"]["grad_variance"]
+    assert vppo["measurements"] > 0 and vppo["measured_ratio"] > 0
+    assert vppo["predicted_ratio"] >= 0.4 * 0.9**2  # k >= 0.4 (ceil), alpha >= 0.9
+    for run in results["runs"]:
+        assert run["measure_steps"] == [1, 2, 4] and len(run["grad_variance"]) == len(run["dependency"]) == 3
+    assert "grad. variance / GRPO's" in proc.stdout and "black picture: half / skew / answer" in proc.stdout
+    for name in ("curves.png", "heatmaps.png", "sample.png", "variance.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "heatmaps.html").read_text()
     assert "data:image/png;base64," in page and "visual dependency" in page and "connectivity" in page

@@ -22,7 +22,46 @@ from torch import Tensor
 from rlcredit_mm.demo import task as T
 
 __all__ = ["build_model", "build_image_processor", "ModelKit", "encode_prompts", "join_responses",
-           "tokens_per_image", "warmup"]
+           "tokens_per_image", "warmup", "to_device", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a ``--device`` value: ``"auto"`` is CUDA when available, else the CPU.
+
+    Raises:
+        SpecError: ``"cuda"`` (or ``"cuda:N"``) asked for where torch sees no such GPU.
+
+    Examples:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    from rlcredit.errors import SpecError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise SpecError(
+            f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu or --device auto."
+        )
+    return device
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor moved to ``device`` (dicts, tuples and lists are walked).
+
+    Examples:
+        >>> to_device(({"a": torch.ones(1)}, [torch.zeros(1)], 3), torch.device("cpu"))
+        ({'a': tensor([1.])}, [tensor([0.])], 3)
+    """
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 def build_image_processor(image_size: int = 56) -> Any:
@@ -192,8 +231,10 @@ def join_responses(prompt_inputs: dict[str, Tensor], responses: Tensor, response
     return {**prompt_inputs, "input_ids": ids, "attention_mask": attn, "mm_token_type_ids": types}
 
 
-def format_batch(kit: ModelKit, examples: Sequence[T.Example], rng: random.Random) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Warm-up batch: well-formed responses with a random filler; the colour slot holds a placeholder.
+def format_batch(kit: ModelKit, examples: Sequence[T.Example], rng: random.Random, *,
+                 filler_words: int = 0) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Warm-up batch: well-formed responses with ``filler_words`` random filler words (each drawn
+    uniformly) and a random filler phrase; the colour slot holds a placeholder.
 
     Returns:
         ``(model_inputs [N, P+T], response_mask [N, T], answer_slot [N, T])``; the response ends
@@ -209,7 +250,9 @@ def format_batch(kit: ModelKit, examples: Sequence[T.Example], rng: random.Rando
     rows, slots = [], []
     for ex in examples:
         colour = rng.choice(sorted(T.COLOURS))  # a placeholder: the loss never looks at which colour
-        ids = kit.tokenizer(T.response_text(ex, colour, rng.randrange(len(T.FILLERS))), add_special_tokens=False)
+        words = [rng.randrange(len(T.FILLER_WORDS)) for _ in range(filler_words)]
+        text = T.response_text(ex, colour, rng.randrange(len(T.FILLERS)), words)
+        ids = kit.tokenizer(text, add_special_tokens=False)
         rows.append(ids["input_ids"] + [kit.eos_id])
         slots.append(len(rows[-1]) - 3)  # ... colour . <eos>
     width = max(map(len, rows))
@@ -251,8 +294,8 @@ def format_loss(logits: Tensor, targets: Tensor, mask: Tensor, slot: Tensor, col
 
 
 def warmup(model: torch.nn.Module, kit: ModelKit, *, steps: int, batch_size: int = 32, lr: float = 5e-3,
-           seed: int = 0, shapes: int = 1, progress: Any = None) -> list[float]:
-    """Supervised warm-up on the response format only (``format_loss``), AdamW.
+           seed: int = 0, shapes: int = 1, filler_words: int = 0, progress: Any = None) -> list[float]:
+    """Supervised warm-up on the response format only (``format_loss``), AdamW, on the model's device.
 
     No answer is ever a target: the colour slot is trained towards the *set* of colours, so after
     the warm-up the policy writes well-formed responses and picks colours at its (random-init) whim.
@@ -268,12 +311,14 @@ def warmup(model: torch.nn.Module, kit: ModelKit, *, steps: int, batch_size: int
     """
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    colour_ids = torch.tensor(sorted(kit.colour_ids.values()))
+    device = next(model.parameters()).device
+    colour_ids = torch.tensor(sorted(kit.colour_ids.values()), device=device)
     model.train()
     losses = []
     for _ in range(steps):
         examples = T.make_examples(batch_size, rng.randrange(2**31), shapes)
-        inputs, mask, slot = format_batch(kit, examples, rng)
+        inputs, mask, slot = format_batch(kit, examples, rng, filler_words=filler_words)
+        inputs, mask, slot = to_device((inputs, mask, slot), device)
         logits = model(**inputs, use_cache=False).logits[:, -mask.shape[1] - 1:-1]
         loss = format_loss(logits, inputs["input_ids"][:, -mask.shape[1]:], mask, slot, colour_ids)
         opt.zero_grad(set_to_none=True)
