@@ -133,10 +133,10 @@ def test_format_loss_never_looks_at_the_answer(kit):
     other = targets.clone()
     other[0, 1], other[1, 2] = colours[0], colours[3]
     assert torch.equal(loss, M.format_loss(logits, other, mask, slot, colours))
-    # Hand computation: mean over the 5 text tokens' CE and the 2 slots' -log sum_c p(c).
+    # Hand computation: mean over the 5 text tokens' CE and the 2 slots' -mean_c log p(c).
     logp = logits.log_softmax(-1)
     terms = [-logp[b, t, targets[b, t]] for b in range(2) for t in range(4) if mask[b, t] and not slot[b, t]]
-    terms += [-torch.logsumexp(logp[0, 1, colours], 0), -torch.logsumexp(logp[1, 2, colours], 0)]
+    terms += [-logp[0, 1, colours].mean(), -logp[1, 2, colours].mean()]
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
 
 
@@ -180,7 +180,7 @@ def test_scale_spread_hand_cases():
 
 def test_config_validation_messages():
     with pytest.raises(rlcredit.SpecError, match=r"max_new_tokens \(16\) is shorter than the longest well-formed "
-                                                 r"response with 8 filler word\(s\) \(22 tokens\)"):
+                                                 r"response with 4 filler word\(s\) \(18 tokens\)"):
         TR.DemoConfig(max_new_tokens=16)
     assert TR.DemoConfig(filler_words=0).response_limit == 14 and TR.DemoConfig(max_new_tokens=40).response_limit == 40
     with pytest.raises(rlcredit.SpecError, match="device must be one of auto, cpu, cuda or cuda:N, got 'gpu'"):
@@ -436,6 +436,7 @@ def _console_script() -> list[str]:
     return [sys.executable, "-m", "rlcredit_mm.cli"]
 
 
+ALL_PRESETS = ("grpo", "dapo", "entropy_forks", "vppo", "at_rl")  # the smoke run tries every kind of credit
 UMASK = 0o027  # not the usual 022: the modes below must follow the umask, not be fixed
 
 
@@ -443,7 +444,8 @@ UMASK = 0o027  # not the usual 022: the modes below must follow the umask, not b
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([*_console_script(), "demo", "--quick", "--no-progress", "--out", str(out)],
+    proc = subprocess.run([*_console_script(), "demo", "--quick", "--no-progress", "--presets", ",".join(ALL_PRESETS),
+                           "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300, preexec_fn=lambda: os.umask(UMASK))
     return proc, out
 
@@ -465,7 +467,7 @@ def test_same_arguments_give_the_same_numbers(quick_run, tmp_path):
     proc, out = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads((out / "results.json").read_text())
-    run_demo(TR.DemoConfig.quick(progress=False), tmp_path / "again", stream=io.StringIO())
+    run_demo(TR.DemoConfig.quick(progress=False, presets=ALL_PRESETS), tmp_path / "again", stream=io.StringIO())
     second = json.loads((tmp_path / "again" / "results.json").read_text())
     assert R.without_timings(first) == R.without_timings(second)
     assert first["runs"][0]["step_time_s"] and "wall_time_s" in first  # timings were there, and were left out
@@ -478,7 +480,7 @@ def test_quick_demo_runs_every_preset_and_writes_the_results(quick_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| preset | final accuracy (95% CI) |" in proc.stdout
     results = json.loads((out / "results.json").read_text())
-    assert list(results["summary"]) == list(TR.DEFAULT_PRESETS)
+    assert list(results["summary"]) == list(ALL_PRESETS)
     cfg = TR.DemoConfig.quick()
     for preset, s in results["summary"].items():
         acc = s["final_accuracy"]

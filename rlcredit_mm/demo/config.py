@@ -17,7 +17,9 @@ from rlcredit_mm.demo import task as T
 
 __all__ = ["DEFAULT_PRESETS", "QUICK", "DemoConfig", "DEVICES"]
 
-DEFAULT_PRESETS: tuple[str, ...] = ("grpo", "dapo", "entropy_forks", "vppo", "at_rl")
+DEFAULT_PRESETS: tuple[str, ...] = ("grpo", "vppo")
+"""What a default run trains: the baseline and the credit the task is built for (any preset, or
+spec file, can be added with ``--presets``; on 2 CPU cores each one adds about a minute)."""
 DEVICES = ("auto", "cpu", "cuda")
 """``--device`` values (``cuda:N`` picks one GPU)."""
 
@@ -138,14 +140,14 @@ class DemoConfig:
     Examples:
         >>> cfg = DemoConfig(presets="grpo,vppo", seeds=2)
         >>> cfg.presets, cfg.prompts_per_step * cfg.group_size, cfg.response_limit
-        (('grpo', 'vppo'), 64, 22)
+        (('grpo', 'vppo'), 128, 18)
         >>> [f.name for f in attrs.fields(DemoConfig) if "help" in f.metadata]  # doctest: +NORMALIZE_WHITESPACE
         ['presets', 'seeds', 'steps', 'lr', 'threshold', 'shapes', 'filler_words', 'hidden', 'layers', 'device',
          'progress']
         >>> DemoConfig(minibatches=3)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        rlcredit.errors.SpecError: DemoConfig.minibatches (3) must divide prompts_per_step (8): ...
+        rlcredit.errors.SpecError: DemoConfig.minibatches (3) must divide prompts_per_step (16): ...
     """
 
     presets: tuple[str, ...] = attrs.field(
@@ -153,24 +155,24 @@ class DemoConfig:
         metadata=_help("comma-separated preset names or strategy spec files (.json, .yaml, .yml, .toml; "
                        "labelled by file stem)"))
     seeds: int = attrs.field(default=5, validator=_positive_int, metadata=_help("number of seeds, 0..N-1"))
-    steps: int = attrs.field(default=60, validator=_positive_int, metadata=_help("RL steps per run"))
-    prompts_per_step: int = attrs.field(default=8, validator=_positive_int)
+    steps: int = attrs.field(default=50, validator=_positive_int, metadata=_help("RL steps per run"))
+    prompts_per_step: int = attrs.field(default=16, validator=_positive_int)
     group_size: int = attrs.field(default=8, validator=_positive_int)
     minibatches: int = attrs.field(default=2, validator=_positive_int)
-    lr: float = attrs.field(default=1e-3, validator=_positive_float,
+    lr: float = attrs.field(default=2e-3, validator=_positive_float,
                             metadata=_help("AdamW learning rate of the RL updates"))
     lr_warmup: int = attrs.field(default=10, validator=_nonneg_int)
-    warmup_steps: int = attrs.field(default=120, validator=_nonneg_int)
+    warmup_steps: int = attrs.field(default=60, validator=_nonneg_int)
     warmup_lr: float = attrs.field(default=5e-3, validator=_positive_float)
     max_new_tokens: int | None = attrs.field(default=None, validator=_optional_positive_int)
     temperature: float = attrs.field(default=1.0, validator=_positive_float)
     eval_prompts: int = attrs.field(default=128, validator=_positive_int)
     eval_every: int = attrs.field(default=10, validator=_positive_int)
-    threshold: float = attrs.field(default=0.6, validator=_accuracy,
+    threshold: float = attrs.field(default=0.5, validator=_accuracy,
                                    metadata=_help("held-out accuracy for 'steps to threshold', in (0, 1]"))
     shapes: int = attrs.field(default=1, validator=_shape_count,
                               metadata=_help("shapes per picture, 1-3 (2-3 make the model find the asked shape)"))
-    filler_words: int = attrs.field(default=8, validator=_nonneg_int,
+    filler_words: int = attrs.field(default=4, validator=_nonneg_int,
                                     metadata=_help("image-independent filler words before the answer (free "
                                                    "choices that do not change the reward)"))
     hidden: int = attrs.field(default=64, validator=_width, metadata=_help("model width, a multiple of 16"))

@@ -285,6 +285,7 @@ def plot_evidence(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathL
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     shown = [(p, s) for p, s in summary.items() if s["grad_variance"]["measurements"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
@@ -297,6 +298,8 @@ def plot_evidence(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathL
                              capsize=3, label=label if x == 0 else None)
         runs = s["runs"]
         steps = runs[0]["measure_steps"]
+        if preset == BASELINE:
+            continue  # 1 by construction
         for key, style in (("measured_ratio", "-"), ("predicted_ratio", "--")):
             ys = [_geomean([r["grad_variance"][i][key] for r in runs if i < len(r["grad_variance"]) and r["grad_variance"][i]])
                   for i in range(len(steps))]
@@ -305,12 +308,14 @@ def plot_evidence(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     for ax in axes:
         ax.axhline(1.0, color="#999", linestyle=":", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     axes[0].set_xticks(range(len(shown)), [p for p, _ in shown])
     axes[0].set(title="gradient variance / GRPO's, same rollouts (LM head)", ylabel="ratio (log scale)")
     axes[1].set(title="ratio during training (geometric mean over seeds)", xlabel="RL step", ylabel="ratio")
     if shown:
         axes[0].legend(fontsize=8)
-        axes[1].legend(fontsize=7, ncol=2)
+        axes[1].legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -6,8 +6,9 @@ vision tower, so that rollouts, log-probs and perturbed forwards take millisecon
 picture is 4x4 patches of 14 px, merged into 2x2 = 4 image tokens, one per cell of the task's grid.
 
 The warm-up teaches the response *format* only: cross-entropy on the filler and the answer template,
-and at the colour slot only "some colour" (``-log sum_c p(c)``), never which one. Everything the
-policy knows about the answer afterwards is learnt by RL from the image.
+and at the colour slot the uniform distribution over the colours (``-mean_c log p(c)``), never which
+one is right. Everything the policy knows about the answer afterwards is learnt by RL from the
+image, starting from a policy that samples every colour equally often.
 """
 
 from __future__ import annotations
@@ -268,7 +269,12 @@ def format_batch(kit: ModelKit, examples: Sequence[T.Example], rng: random.Rando
 
 def format_loss(logits: Tensor, targets: Tensor, mask: Tensor, slot: Tensor, colour_ids: Tensor) -> Tensor:
     """Format-only loss: cross-entropy on every response token but the colour slot, and at the slot
-    ``-log sum_{c in colours} p(c)`` (any colour is right: *that* a colour comes, not *which*).
+    the cross-entropy to the uniform distribution over the ``K`` colours, ``-(1/K) sum_c log p(c)``:
+    *that* a colour comes, each as likely as the others, never *which* one is right.
+
+    (``-log sum_c p(c)``, "some colour", would leave the split among the colours to the random
+    initialisation: a warm-up that way answered one colour ~80% of the time whatever the picture,
+    and RL then rarely sampled the right answer to the other pictures.)
 
     Args:
         logits: ``[N, T, V]`` at the positions predicting the response tokens.
@@ -283,22 +289,23 @@ def format_loss(logits: Tensor, targets: Tensor, mask: Tensor, slot: Tensor, col
         >>> logits = torch.zeros(1, 2, 5)  # uniform over 5 tokens; tokens 3 and 4 are "colours"
         >>> loss = format_loss(logits, torch.tensor([[0, 3]]), torch.ones(1, 2, dtype=torch.bool),
         ...                    torch.tensor([[False, True]]), torch.tensor([3, 4]))
-        >>> round(float(loss), 4)  # mean of log 5 and -log(2/5)
-        1.2629
+        >>> round(float(loss), 4)  # mean of log 5 and -(log(1/5) + log(1/5)) / 2
+        1.6094
     """
     logp = logits.float().log_softmax(-1)
     text = mask & ~slot
     ce = -logp.gather(-1, targets[..., None]).squeeze(-1)[text]
-    any_colour = -torch.logsumexp(logp[slot][:, colour_ids], dim=-1)
-    return torch.cat([ce, any_colour]).mean()
+    uniform = -logp[slot][:, colour_ids].mean(-1)
+    return torch.cat([ce, uniform]).mean()
 
 
 def warmup(model: torch.nn.Module, kit: ModelKit, *, steps: int, batch_size: int = 32, lr: float = 5e-3,
            seed: int = 0, shapes: int = 1, filler_words: int = 0, progress: Any = None) -> list[float]:
     """Supervised warm-up on the response format only (``format_loss``), AdamW, on the model's device.
 
-    No answer is ever a target: the colour slot is trained towards the *set* of colours, so after
-    the warm-up the policy writes well-formed responses and picks colours at its (random-init) whim.
+    No answer is ever a target: the colour slot is trained towards the uniform distribution over
+    the colours, so after the warm-up the policy writes well-formed responses and picks each colour
+    about equally often, whatever the picture.
 
     Returns:
         The loss of every step.

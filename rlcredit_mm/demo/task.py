@@ -8,9 +8,10 @@ Every example is generated on the fly from a seed, nothing is downloaded:
   cell each (a cell is exactly one merged Qwen2.5-VL image token at 56 px).
 * **prompt** — ``"what colour is the {shape} ?"``: the shape named is in the picture, its colour can
   only be read from the image.
-* **response format** — ``"{words} {phrase} the answer is {colour} ."`` then ``<eos>``: any number
-  of ``FILLER_WORDS`` ("hmm so wait ..."), one of a few ``FILLERS`` phrases, the answer. The words
-  and the phrase are image-independent "reasoning"; only the colour token depends on the image.
+* **response format** — ``"{filler} the answer is {colour} ."`` then ``<eos>``. The filler is any
+  sequence of ``FILLER_WORDS`` ("hmm so wait ...") and ``FILLERS`` phrases ("let me look at the
+  picture ."), image-independent "reasoning" that the reward ignores; only the colour token
+  depends on the image. (The warm-up writes ``filler_words`` words, then one phrase.)
   Every filler word is a free choice among ``len(FILLER_WORDS)`` equally good ones: a token with a
   high entropy, a gradient, and no bearing on the reward. GRPO gives it the response's whole
   advantage anyway, which is why token-level credit should matter here.
@@ -64,6 +65,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, UNK, VISION_START, IMAGE_PAD, VISIO
 
 ANSWER_PREFIX: tuple[str, ...] = ("the", "answer", "is")
 _FILLER_TEXTS = frozenset(f.format(shape=s) for f in FILLERS for s in SHAPES)
+_PHRASE_LENGTHS = sorted({len(t.split()) for t in _FILLER_TEXTS})
 
 
 def vocabulary() -> list[str]:
@@ -214,27 +216,33 @@ def longest_response(filler_words: int) -> int:
 def parse_answer(words: Sequence[str]) -> str | None:
     """The colour of a well-formed response, or None when the format is broken.
 
-    Well formed: any number of ``FILLER_WORDS``, then one of the ``FILLERS`` (with the asked
-    shape, or any shape), then ``the answer is X .`` and nothing else (the ``<eos>`` after it is
-    checked by ``reward``).
+    Well formed: a filler made of ``FILLER_WORDS`` and ``FILLERS`` phrases (each with any
+    shape), any number of each in any order, none included; then ``the answer is X .`` and
+    nothing else (the ``<eos>`` after it is checked by ``reward``). No filler word starts a
+    phrase, so the split is unique.
 
     Examples:
         >>> parse_answer("ok . the answer is blue .".split())
         'blue'
-        >>> parse_answer("hmm so hmm ok . the answer is blue .".split())
+        >>> parse_answer("hmm so ok . hmm the answer is blue .".split())
         'blue'
-        >>> parse_answer("ok ok . the answer is blue .".split()) is None
-        True
-        >>> parse_answer("ok . hmm the answer is blue .".split()) is None  # words come first
+        >>> parse_answer("the answer is blue .".split())
+        'blue'
+        >>> parse_answer("ok ok . the answer is blue .".split()) is None  # "ok ok ." is no phrase
         True
     """
     n = len(ANSWER_PREFIX)
     if len(words) < n + 2 or tuple(words[-n - 2:-2]) != ANSWER_PREFIX or words[-1] != ".":
         return None
-    lead = list(words[:-n - 2])
-    start = next((i for i, w in enumerate(lead) if w not in FILLER_WORDS), len(lead))
-    if " ".join(lead[start:]) not in _FILLER_TEXTS:
-        return None
+    lead, i = list(words[:-n - 2]), 0
+    while i < len(lead):
+        if lead[i] in FILLER_WORDS:
+            i += 1
+            continue
+        size = next((k for k in _PHRASE_LENGTHS if " ".join(lead[i:i + k]) in _FILLER_TEXTS), None)
+        if size is None:
+            return None
+        i += size
     return words[-2]
 
 
