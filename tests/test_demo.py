@@ -183,6 +183,7 @@ def test_config_validation_messages():
                                                  r"response with 4 filler word\(s\) \(18 tokens\)"):
         TR.DemoConfig(max_new_tokens=16)
     assert TR.DemoConfig(filler_words=0).response_limit == 14 and TR.DemoConfig(max_new_tokens=40).response_limit == 40
+    assert TR.DemoConfig(filler_words=4).response_limit == T.longest_response(8) == 22
     with pytest.raises(rlcredit.SpecError, match="device must be one of auto, cpu, cuda or cuda:N, got 'gpu'"):
         TR.DemoConfig(device="gpu")
     with pytest.raises(rlcredit.SpecError, match="must divide prompts_per_step"):

@@ -115,11 +115,13 @@ class DemoConfig:
             first steps move every parameter by ~``lr`` whatever its gradient; without a ramp a
             sparse token mask can wreck the response format in two steps).
         warmup_steps: format warm-up steps (batch 32, random answers).
-        max_new_tokens: response length limit (a response cut there earns 0); None: the longest
-            well-formed response with ``filler_words`` filler words (``task.longest_response``).
+        max_new_tokens: response length limit (a response cut there earns 0), at least the longest
+            well-formed response the warm-up writes; None: room for twice the warm-up's filler words
+            (``response_limit``).
         temperature: sampling temperature (also used for the log-probs).
-        eval_prompts: held-out prompts answered greedily every ``eval_every`` steps; the gradient
-            variance and the dependency distribution are measured at step 1 and at the same steps.
+        eval_prompts: held-out prompts, each answered by one sampled response every ``eval_every``
+            steps; the gradient variance and the dependency distribution are measured at step 1
+            and at the same steps.
         threshold: held-out accuracy whose first crossing is reported as "steps to threshold".
         shapes: shapes per picture (1: read the colour of the only shape; 2-3: find the asked one).
         filler_words: filler words the warm-up puts before the answer (``task.FILLER_WORDS``: free,
@@ -140,7 +142,7 @@ class DemoConfig:
     Examples:
         >>> cfg = DemoConfig(presets="grpo,vppo", seeds=2)
         >>> cfg.presets, cfg.prompts_per_step * cfg.group_size, cfg.response_limit
-        (('grpo', 'vppo'), 128, 18)
+        (('grpo', 'vppo'), 128, 22)
         >>> [f.name for f in attrs.fields(DemoConfig) if "help" in f.metadata]  # doctest: +NORMALIZE_WHITESPACE
         ['presets', 'seeds', 'steps', 'lr', 'threshold', 'shapes', 'filler_words', 'hidden', 'layers', 'device',
          'progress']
@@ -199,8 +201,9 @@ class DemoConfig:
 
     @property
     def response_limit(self) -> int:
-        """``max_new_tokens``, or the longest well-formed response when it is None."""
-        return self.max_new_tokens if self.max_new_tokens is not None else T.longest_response(self.filler_words)
+        """``max_new_tokens``, or, when it is None, the longest well-formed response with twice the
+        warm-up's filler words (the filler's length is free: the limit leaves it room to drift)."""
+        return self.max_new_tokens if self.max_new_tokens is not None else T.longest_response(2 * self.filler_words)
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
