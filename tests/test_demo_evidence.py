@@ -184,14 +184,32 @@ def test_log_interval_is_the_t_interval_of_the_logs():
 # The README block is the committed default run's output
 
 
-def test_readme_shows_the_committed_default_run():
-    results = json.loads((ROOT / "docs" / "assets" / "demo_results.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    assert R.readme_block(results) in readme
+def test_readme_and_docs_show_the_committed_default_run():
+    """The tables in README.md and docs/demo.md are generated from docs/assets/demo_results.json, the
+    results.json of a default run (only the device pinned to the CPU), by the command both print."""
     from rlcredit_mm.demo.config import DemoConfig
+    from rlcredit_mm.demo.run import REGENERATE
 
-    # ... and that run is the default run (only the device is pinned, to the CPU).
+    results = json.loads((ROOT / "docs" / "assets" / "demo_results.json").read_text())
     assert results["config"] == DemoConfig(device="cpu", progress=False).to_dict()
-    for preset, s in results["summary"].items():
-        g = s["grad_variance"]
-        assert set(g) >= {"measured_ratio", "predicted_ratio"} and g["measurements"] > 0, preset
+    block = R.readme_block(results)
+    for page in ("README.md", "docs/demo.md"):
+        text = (ROOT / page).read_text()
+        assert block in text and REGENERATE in text, page
+    assert results["summary"]["grpo"]["grad_variance"]["measured_ratio"] == pytest.approx(1.0)
+    vppo = results["summary"]["vppo"]["grad_variance"]
+    assert vppo["measurements"] == 5 * 6 and 0 < vppo["predicted_ratio"] < vppo["measured_ratio"]
+    for name in ("curves", "heatmaps", "variance"):
+        assert (ROOT / "docs" / "assets" / f"demo_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_update_readme_rewrites_only_the_block(tmp_path):
+    results = json.loads((ROOT / "docs" / "assets" / "demo_results.json").read_text())
+    page = tmp_path / "page.md"
+    page.write_text(f"before\n{R.README_START}\nstale table\n{R.README_END}\nafter\n")
+    assert R.update_readme(page, results) is True
+    assert page.read_text() == f"before\n{R.readme_block(results)}\nafter\n"
+    assert R.update_readme(page, results) is False  # idempotent
+    (tmp_path / "none.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no '<!-- demo-results:start"):
+        R.update_readme(tmp_path / "none.md", results)

@@ -19,7 +19,7 @@ __all__ = ["DEFAULT_PRESETS", "QUICK", "DemoConfig", "DEVICES"]
 
 DEFAULT_PRESETS: tuple[str, ...] = ("grpo", "vppo")
 """What a default run trains: the baseline and the credit the task is built for (any preset, or
-spec file, can be added with ``--presets``; on 2 CPU cores each one adds about a minute)."""
+spec file, can be added with ``--presets``; on 2 CPU cores each one adds about two minutes)."""
 DEVICES = ("auto", "cpu", "cuda")
 """``--device`` values (``cuda:N`` picks one GPU)."""
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["t_quantile", "interval", "summarize", "results_table", "evidence_table", "verdict", "plot_curves",
-           "report_text", "readme_block", "update_readme", "without_timings", "main", "TIMING_KEYS", "README_START",
+           "report_text", "readme_block", "update_readme", "without_timings", "TIMING_KEYS", "README_START",
            "README_END"]
 
 TIMING_KEYS = ("step_time_s", "step_cpu_s", "cpu_s_per_step", "wall_time_s", "cpu_time_s")
@@ -360,23 +360,3 @@ def without_timings(value: Any) -> Any:
         return [without_timings(v) for v in value]
     return value
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rlcredit_mm.demo.report RESULTS FILE...``: rewrite the generated results block of
-    each Markdown ``FILE`` (README.md, docs/demo.md) from ``RESULTS`` (a default run's results.json)."""
-    import json
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2:
-        print("usage: python -m rlcredit_mm.demo.report RESULTS.json FILE.md [FILE.md ...]", file=sys.stderr)
-        return 2
-    with open(args[0], encoding="utf-8") as f:
-        results = json.load(f)
-    for path in args[1:]:
-        print(f"{path}: {'updated' if update_readme(path, results) else 'unchanged'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

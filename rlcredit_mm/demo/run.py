@@ -49,7 +49,7 @@ DEFAULT_OUT = "rlcredit-demo"
 
 REGENERATE = ("rlcredit demo --device cpu --no-progress && for f in curves heatmaps variance; do "
               "cp rlcredit-demo/$f.png docs/assets/demo_$f.png; done && cp rlcredit-demo/results.json "
-              "docs/assets/demo_results.json && python -m rlcredit_mm.demo.report docs/assets/demo_results.json "
+              "docs/assets/demo_results.json && python -m rlcredit_mm.demo.readme docs/assets/demo_results.json "
               "README.md docs/demo.md")
 """The command that regenerates the README's and ``docs/demo.md``'s figures and tables (a default run on the CPU)."""
 
