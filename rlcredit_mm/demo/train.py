@@ -9,6 +9,9 @@ of that seed, so every preset starts from the same weights and sees the same pro
    (``old_logprobs``, ``signals["entropy"]``);
 3. ``strategy.assign(rollout, policy)`` computes scores, token weights and advantages (VPPO's
    perturbed forward and AT-RL's attention capture run here, through the same policy);
+   at step 1 and every ``eval_every`` steps, ``measure`` records the mechanism evidence on this
+   batch (the gradient variance against GRPO's credit, the dependency distribution; the pass of
+   step 2 also returns the hidden states it needs);
 4. ``minibatches`` AdamW updates on consecutive groups, each ``strategy.loss`` on
    ``rollout.select(rows)`` and ``credit.select(rows)`` (the second one is off-policy, so clipping
    matters, as in verl/TRL with ``ppo_epochs=1`` and several mini-batches).
