@@ -1,4 +1,6 @@
-"""``rlcredit demo``: the task, the format-only warm-up, the RL loop's pieces, the report, the CLI."""
+"""``rlcredit demo``: the task, the format-only warm-up, the RL loop's pieces, the report, and the
+quick run through the console script (reproducible, every preset). The command's flags and errors:
+``test_demo_cli.py``; the mechanism evidence: ``test_demo_evidence.py``."""
 
 from __future__ import annotations
 
@@ -6,24 +8,21 @@ import io
 import json
 import math
 import os
-import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
-import attrs
 import pytest
 import torch
 
 import rlcredit
-from rlcredit_mm.cli import build_parser, config_from_args
 from rlcredit_mm.cli import main as cli_main
 from rlcredit_mm.demo import model as M
 from rlcredit_mm.demo import report as R
 from rlcredit_mm.demo import task as T
 from rlcredit_mm.demo import train as TR
-from rlcredit_mm.demo.run import _publish, check_presets, prepare_output, run_demo
+from rlcredit_mm.demo.run import run_demo
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -42,6 +41,9 @@ def test_reward_hand_cases():
     ex = T.Example(shapes=(("square", "red", 0),), asked="square", answer="red", seed=0)
     good = "first i find the square . the answer is red .".split()
     assert T.reward(ex, good) == 1.0
+    assert T.reward(ex, ["hmm", "so", "hmm", "thus", *good]) == 1.0  # any filler words first
+    assert T.reward(ex, ["hmm", *good[:5], "so", *good[5:]]) == 0.0  # ... only first
+    assert T.reward(ex, ["hmm", "so", *good[5:]]) == 0.0  # a filler phrase is still needed
     assert T.reward(ex, good, finished=False) == 0.0  # cut at the length limit
     assert T.reward(ex, "ok . the answer is blue .".split()) == 0.0  # wrong colour
     assert T.reward(ex, "ok ok . the answer is red .".split()) == 0.0  # not one of the fillers
@@ -103,6 +105,19 @@ def test_prompts_repeat_rows_and_mark_image_tokens(kit):
     assert torch.equal(px[0], px[1]) and not torch.equal(px[1], px[2])
 
 
+def test_format_batch_has_the_filler_words_and_the_colour_slot(kit):
+    import random
+
+    inputs, mask, slot = M.format_batch(kit, T.make_examples(6, seed=1), random.Random(0), filler_words=5)
+    responses = inputs["input_ids"][:, -mask.shape[1]:]
+    for i in range(6):
+        words = kit.words(responses[i])
+        assert all(w in T.FILLER_WORDS for w in words[:5]) and words[5] not in T.FILLER_WORDS
+        assert T.parse_answer(words) in T.COLOURS and words[-2] == kit.vocab[int(responses[i][slot[i]])]
+        assert int(mask[i].sum()) == len(words) + 1  # + <eos>
+    assert int(mask.sum(1).max()) <= T.longest_response(5)
+
+
 def test_format_loss_never_looks_at_the_answer(kit):
     """The warm-up is format-only: its loss is the same whichever colour sits in the slot."""
     g = torch.Generator().manual_seed(0)
@@ -117,10 +132,10 @@ def test_format_loss_never_looks_at_the_answer(kit):
     other = targets.clone()
     other[0, 1], other[1, 2] = colours[0], colours[3]
     assert torch.equal(loss, M.format_loss(logits, other, mask, slot, colours))
-    # Hand computation: mean over the 5 text tokens' CE and the 2 slots' -log sum_c p(c).
+    # Hand computation: mean over the 5 text tokens' CE and the 2 slots' -mean_c log p(c).
     logp = logits.log_softmax(-1)
     terms = [-logp[b, t, targets[b, t]] for b in range(2) for t in range(4) if mask[b, t] and not slot[b, t]]
-    terms += [-torch.logsumexp(logp[0, 1, colours], 0), -torch.logsumexp(logp[1, 2, colours], 0)]
+    terms += [-logp[0, 1, colours].mean(), -logp[1, 2, colours].mean()]
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
 
 
@@ -163,6 +178,13 @@ def test_scale_spread_hand_cases():
 
 
 def test_config_validation_messages():
+    with pytest.raises(rlcredit.SpecError, match=r"max_new_tokens \(16\) is shorter than the longest well-formed "
+                                                 r"response with 4 filler word\(s\) \(18 tokens\)"):
+        TR.DemoConfig(max_new_tokens=16)
+    assert TR.DemoConfig(filler_words=0).response_limit == 14 and TR.DemoConfig(max_new_tokens=40).response_limit == 40
+    assert TR.DemoConfig(filler_words=4).response_limit == T.longest_response(8) == 22
+    with pytest.raises(rlcredit.SpecError, match="device must be one of auto, cpu, cuda or cuda:N, got 'gpu'"):
+        TR.DemoConfig(device="gpu")
     with pytest.raises(rlcredit.SpecError, match="must divide prompts_per_step"):
         TR.DemoConfig(prompts_per_step=5, minibatches=2)
     with pytest.raises(rlcredit.SpecError, match=r"shapes must be in \[1, 3\]"):
@@ -199,183 +221,10 @@ def test_verdict_says_so_when_vppo_does_not_beat_grpo():
     assert lines[0].startswith("vppo is worse than grpo on this task: final accuracy 0.52 vs 0.82")
     assert lines[1].startswith("dapo no clear difference from grpo") and lines[1].endswith("intervals overlap).")
     assert R.verdict(_summary({"grpo": [0.8], "vppo": [0.5]})) == [
-        "1 seed: no intervals, so no comparison with grpo; run with --seeds 3 (the default) to compare."]
+        "1 seed: no intervals, so no comparison with grpo; run with --seeds 2 or more to compare."]
     table = R.results_table(_summary({"grpo": [0.8, 0.82, 0.84], "vppo": [0.5, 0.52, 0.54]}), threshold=0.6, steps=10)
     assert "| vppo | 0.52 [0.47, 0.57] | > 10 (0/3) |" in table
     assert "| grpo | 0.82 [0.77, 0.87] | 10 (3/3) |" in table
-
-
-# --------------------------------------------------------------------------------------------
-# The command: bad input exits 2 and writes nothing
-
-
-def _leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--presets", "grpo,vpo"], "unknown strategy 'vpo'; did you mean 'vppo'?"),
-    (["--presets", "grpo,grpo"], "lists a preset twice"),
-    (["--presets", ","], "presets is empty"),
-    (["--presets", "grpo,no/such/spec.yaml"], "spec file 'no/such/spec.yaml' does not exist"),
-    (["--shapes", "5"], r"shapes must be in [1, 3]"),
-    (["--steps", "0"], "DemoConfig.steps must be a positive integer, got 0"),
-    (["--threshold", "1.5"], "DemoConfig.threshold is an accuracy in (0, 1], got 1.5"),
-    (["--lr", "nan"], "DemoConfig.lr must be a finite number > 0, got nan"),
-])
-def test_bad_values_exit_2_with_a_message(tmp_path, capsys, argv, message):
-    out = tmp_path / "demo"
-    assert cli_main(["demo", "--quick", "--out", str(out), *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("rlcredit demo: error:") and message in err
-    assert not out.exists() and _leftovers(tmp_path) == []
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
-    (["--threshold", "high"], "argument --threshold: invalid float value: 'high'"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-])
-def test_flags_that_do_not_parse_exit_2(capsys, argv, message):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(["demo", *argv])
-    assert exc.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_version_and_the_bare_command_print_and_exit_0(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(["--version"])
-    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"rlcredit {rlcredit.__version__}"
-    assert cli_main([]) == 0  # no subcommand: the help, not an error
-    out = capsys.readouterr().out
-    assert out.startswith("usage: rlcredit") and "demo" in out and "inspect" in out and "--version" in out
-
-
-def _flag_fields():
-    return [f for f in attrs.fields(TR.DemoConfig) if "help" in f.metadata]
-
-
-def test_demo_flags_are_derived_from_the_config_fields(capsys):
-    """One flag per DemoConfig field with help metadata: its default when absent, its value when given."""
-    fields = _flag_fields()
-    assert [f.name for f in fields] == ["presets", "seeds", "steps", "lr", "threshold", "shapes", "progress"]
-    args = build_parser().parse_args(["demo"])
-    assert set(vars(args)) == {"command", "out", "quick"} | {f.name for f in fields}
-    assert config_from_args(args) == TR.DemoConfig()
-    assert config_from_args(build_parser().parse_args(["demo", "--quick"])) == TR.DemoConfig.quick()
-    argv, want = ["demo"], {}
-    for f in fields:  # a value other than the default for every flag
-        if f.name == "progress":
-            argv.append("--no-progress")
-            want[f.name] = False
-        elif f.name == "presets":
-            argv += ["--presets", "vppo, grpo"]
-            want[f.name] = ("vppo", "grpo")
-        else:
-            value = f.default + 1 if isinstance(f.default, int) else f.default / 2
-            argv += ["--" + f.name.replace("_", "-"), str(value)]
-            want[f.name] = value
-    cfg = config_from_args(build_parser().parse_args(argv))
-    assert {name: getattr(cfg, name) for name in want} == want
-    # --quick starts from the bundle; the flags given override it.
-    cfg = config_from_args(build_parser().parse_args(["demo", "--quick", "--steps", "9"]))
-    assert cfg == TR.DemoConfig.quick(steps=9) and cfg.seeds == TR.QUICK["seeds"]
-    # The help shows each field's help text and default, and the --quick values.
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for f in fields:
-        assert f.metadata["help"] in text
-        if f.name != "progress":
-            assert f"(default {f.default if f.name != 'presets' else ','.join(f.default)}" in text
-    assert "--no-progress" in text and "steps=4" in text and "(default 100; --quick: 4)" in text
-
-
-def _tiny(**kwargs):
-    return TR.DemoConfig.quick(steps=2, warmup_steps=2, hidden=32, eval_prompts=4, heatmap_samples=0, progress=False,
-                               **kwargs)
-
-
-def test_presets_take_spec_files_labelled_by_their_stem(tmp_path):
-    same = tmp_path / "same_as_grpo.json"
-    same.write_text(json.dumps({"preset": "grpo"}))
-    wide = tmp_path / "wide_clip.yaml"
-    wide.write_text("preset: dapo\npolicy_loss: {name: clipped_surrogate, clip_high: 0.4}\n")
-    assert check_presets(["grpo", str(same), str(wide)]) == {"grpo": "grpo", "same_as_grpo": str(same),
-                                                             "wide_clip": str(wide)}
-    stream = io.StringIO()
-    results = run_demo(_tiny(presets=("grpo", str(same), str(wide))), tmp_path / "demo", stream=stream)
-    assert list(results["summary"]) == ["grpo", "same_as_grpo", "wide_clip"]
-    assert results["config"]["presets"] == ["grpo", str(same), str(wide)]
-    for text in (stream.getvalue(), (tmp_path / "demo" / "results.md").read_text()):
-        assert "| same_as_grpo | " in text and "| wide_clip | " in text
-    # The grpo spec file trains exactly as the grpo preset (same seed, same warm start, same prompts).
-    runs = {r["preset"]: r for r in results["runs"]}
-    for key in ("train_reward", "kept_share", "scale_std", "eval_accuracy", "response_length", "clip_fraction"):
-        assert runs["same_as_grpo"][key] == runs["grpo"][key], key
-
-
-def test_presets_whose_labels_clash_exit_2_naming_both(tmp_path, capsys):
-    spec = tmp_path / "grpo.json"
-    spec.write_text(json.dumps({"preset": "dapo"}))
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "mine.json").write_text("{}")
-    (tmp_path / "mine.yaml").write_text("{}")
-    out = tmp_path / "demo"
-    for first, second, label in [("grpo", str(spec), "grpo"),
-                                 (str(tmp_path / "sub" / "mine.json"), str(tmp_path / "mine.yaml"), "mine")]:
-        assert cli_main(["demo", "--quick", "--presets", f"{first},{second}", "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("rlcredit demo: error: --presets:"), err
-        assert f"{first!r} and {second!r} would both be labelled {label!r}" in err
-    assert not out.exists() and _leftovers(tmp_path) == []
-
-
-def test_a_missing_multimodal_extra_exits_2_with_the_install_command(tmp_path, capsys, monkeypatch):
-    for name in ("tqdm", "tqdm.auto"):
-        monkeypatch.setitem(sys.modules, name, None)  # `from tqdm.auto import tqdm` raises ModuleNotFoundError
-    assert cli_main(["demo", "--quick", "--presets", "grpo", "--out", str(tmp_path / "demo")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("rlcredit demo: error: needs the multimodal extra") and "pip install 'rlcredit[mm]'" in err
-    assert not (tmp_path / "demo").exists() and _leftovers(tmp_path) == []
-
-
-def test_unusable_output_folders_exit_2_and_are_left_alone(tmp_path, capsys):
-    a_file = tmp_path / "file.txt"
-    a_file.write_text("keep me")
-    busy = tmp_path / "busy"
-    busy.mkdir()
-    (busy / "notes.txt").write_text("mine")
-    cases = [(a_file, "exists and is not a folder"), (busy, "not an rlcredit demo output"),
-             (a_file / "sub", "does not exist")]
-    for out, message in cases:
-        assert cli_main(["demo", "--quick", "--out", str(out)]) == 2
-        assert message in capsys.readouterr().err
-    assert a_file.read_text() == "keep me" and sorted(os.listdir(busy)) == ["notes.txt"]
-    assert _leftovers(tmp_path) == []
-
-
-def test_a_failing_run_writes_nothing(tmp_path, monkeypatch):
-    def boom(*args, **kwargs):
-        raise RuntimeError("simulated failure in the middle of training")
-
-    monkeypatch.setattr("rlcredit_mm.demo.run.run_preset", boom)
-    cfg = TR.DemoConfig.quick(presets=("grpo",), warmup_steps=1, progress=False)
-    with pytest.raises(RuntimeError, match="simulated failure"):
-        run_demo(cfg, tmp_path / "demo", stream=open(os.devnull, "w"))
-    assert not (tmp_path / "demo").exists() and _leftovers(tmp_path) == []
-
-
-def test_publish_replaces_a_previous_demo_output(tmp_path):
-    out = tmp_path / "demo"
-    out.mkdir()
-    (out / "results.json").write_text("{}")
-    (out / "stale.txt").write_text("old")
-    path, tmp = prepare_output(out)  # a previous demo output is accepted
-    (tmp / "results.json").write_text('{"new": true}')
-    _publish(tmp, path)
-    assert sorted(os.listdir(out)) == ["results.json"] and json.loads((out / "results.json").read_text()) == {"new": True}
-    assert _leftovers(tmp_path) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,6 +239,7 @@ def _console_script() -> list[str]:
     return [sys.executable, "-m", "rlcredit_mm.cli"]
 
 
+ALL_PRESETS = ("grpo", "dapo", "entropy_forks", "vppo", "at_rl")  # the smoke run tries every kind of credit
 UMASK = 0o027  # not the usual 022: the modes below must follow the umask, not be fixed
 
 
@@ -397,7 +247,8 @@ UMASK = 0o027  # not the usual 022: the modes below must follow the umask, not b
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([*_console_script(), "demo", "--quick", "--no-progress", "--out", str(out)],
+    proc = subprocess.run([*_console_script(), "demo", "--quick", "--no-progress", "--presets", ",".join(ALL_PRESETS),
+                           "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300, preexec_fn=lambda: os.umask(UMASK))
     return proc, out
 
@@ -413,12 +264,25 @@ def test_quick_demo_writes_with_the_usual_permissions(quick_run):
         **{str(p): oct(0o777 & ~UMASK) for p in folders}, **{str(p): oct(0o666 & ~UMASK) for p in files}}
 
 
+def test_same_arguments_give_the_same_numbers(quick_run, tmp_path):
+    """Reproducible: a second ``--quick`` run (in this process) gives the console script's numbers
+    exactly, timings aside (config, curves, measurements, summary, verdict)."""
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((out / "results.json").read_text())
+    run_demo(TR.DemoConfig.quick(progress=False, presets=ALL_PRESETS), tmp_path / "again", stream=io.StringIO())
+    second = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert R.without_timings(first) == R.without_timings(second)
+    assert first["runs"][0]["step_time_s"] and "wall_time_s" in first  # timings were there, and were left out
+    assert R.evidence_table(first["summary"]) == R.evidence_table(second["summary"])
+
+
 def test_quick_demo_runs_every_preset_and_writes_the_results(quick_run):
     proc, out = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| preset | final accuracy (95% CI) |" in proc.stdout
     results = json.loads((out / "results.json").read_text())
-    assert list(results["summary"]) == list(TR.DEFAULT_PRESETS)
+    assert list(results["summary"]) == list(ALL_PRESETS)
     cfg = TR.DemoConfig.quick()
     for preset, s in results["summary"].items():
         acc = s["final_accuracy"]
@@ -432,7 +296,22 @@ def test_quick_demo_runs_every_preset_and_writes_the_results(quick_run):
     # Binary masks keep their documented share; GRPO keeps everything with unscaled advantages.
     assert s["grpo"]["kept_share"] == 1.0 and s["grpo"]["scale_std"] == 0.0
     assert s["vppo"]["kept_share"] < 0.75 and s["entropy_forks"]["kept_share"] < 0.5
-    for name in ("curves.png", "heatmaps.png", "sample.png"):
+    # The mechanism evidence: GRPO's own credit is GRPO's (ratio 1); VPPO's prediction is k E_w[alpha^2].
+    for preset, summary in s.items():
+        g = summary["grad_variance"]
+        assert {"measured_ratio", "predicted_ratio", "uncorrelated_ratio", "measured_interval", "predicted_interval",
+                "per_seed", "answer_kept", "measurements"} <= set(g), preset
+        assert set(summary["dependency"]) == {"black", "patch_blackout"}
+        assert set(summary["dependency"]["black"]) == {"half_share", "skewness", "answer_share", "max"}
+    assert s["grpo"]["grad_variance"]["measured_ratio"] == pytest.approx(1.0)
+    assert s["grpo"]["grad_variance"]["predicted_ratio"] == pytest.approx(1.0)
+    vppo = s["vppo"]["grad_variance"]
+    assert vppo["measurements"] > 0 and vppo["measured_ratio"] > 0
+    assert vppo["predicted_ratio"] >= 0.4 * 0.9**2  # k >= 0.4 (ceil), alpha >= 0.9
+    for run in results["runs"]:
+        assert run["measure_steps"] == [1, 2, 4] and len(run["grad_variance"]) == len(run["dependency"]) == 3
+    assert "grad. variance / GRPO's" in proc.stdout and "black picture: half / skew / answer" in proc.stdout
+    for name in ("curves.png", "heatmaps.png", "sample.png", "variance.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "heatmaps.html").read_text()
     assert "data:image/png;base64," in page and "visual dependency" in page and "connectivity" in page

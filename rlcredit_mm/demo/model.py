@@ -6,8 +6,9 @@ vision tower, so that rollouts, log-probs and perturbed forwards take millisecon
 picture is 4x4 patches of 14 px, merged into 2x2 = 4 image tokens, one per cell of the task's grid.
 
 The warm-up teaches the response *format* only: cross-entropy on the filler and the answer template,
-and at the colour slot only "some colour" (``-log sum_c p(c)``), never which one. Everything the
-policy knows about the answer afterwards is learnt by RL from the image.
+and at the colour slot the uniform distribution over the colours (``-mean_c log p(c)``), never which
+one is right. Everything the policy knows about the answer afterwards is learnt by RL from the
+image, starting from a policy that samples every colour equally often.
 """
 
 from __future__ import annotations
@@ -22,7 +23,46 @@ from torch import Tensor
 from rlcredit_mm.demo import task as T
 
 __all__ = ["build_model", "build_image_processor", "ModelKit", "encode_prompts", "join_responses",
-           "tokens_per_image", "warmup"]
+           "tokens_per_image", "warmup", "to_device", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a ``--device`` value: ``"auto"`` is CUDA when available, else the CPU.
+
+    Raises:
+        SpecError: ``"cuda"`` (or ``"cuda:N"``) asked for where torch sees no such GPU.
+
+    Examples:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    from rlcredit.errors import SpecError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise SpecError(
+            f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu or --device auto."
+        )
+    return device
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor moved to ``device`` (dicts, tuples and lists are walked).
+
+    Examples:
+        >>> to_device(({"a": torch.ones(1)}, [torch.zeros(1)], 3), torch.device("cpu"))
+        ({'a': tensor([1.])}, [tensor([0.])], 3)
+    """
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 def build_image_processor(image_size: int = 56) -> Any:
@@ -192,8 +232,10 @@ def join_responses(prompt_inputs: dict[str, Tensor], responses: Tensor, response
     return {**prompt_inputs, "input_ids": ids, "attention_mask": attn, "mm_token_type_ids": types}
 
 
-def format_batch(kit: ModelKit, examples: Sequence[T.Example], rng: random.Random) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Warm-up batch: well-formed responses with a random filler; the colour slot holds a placeholder.
+def format_batch(kit: ModelKit, examples: Sequence[T.Example], rng: random.Random, *,
+                 filler_words: int = 0) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Warm-up batch: well-formed responses with ``filler_words`` random filler words (each drawn
+    uniformly) and a random filler phrase; the colour slot holds a placeholder.
 
     Returns:
         ``(model_inputs [N, P+T], response_mask [N, T], answer_slot [N, T])``; the response ends
@@ -209,7 +251,9 @@ def format_batch(kit: ModelKit, examples: Sequence[T.Example], rng: random.Rando
     rows, slots = [], []
     for ex in examples:
         colour = rng.choice(sorted(T.COLOURS))  # a placeholder: the loss never looks at which colour
-        ids = kit.tokenizer(T.response_text(ex, colour, rng.randrange(len(T.FILLERS))), add_special_tokens=False)
+        words = [rng.randrange(len(T.FILLER_WORDS)) for _ in range(filler_words)]
+        text = T.response_text(ex, colour, rng.randrange(len(T.FILLERS)), words)
+        ids = kit.tokenizer(text, add_special_tokens=False)
         rows.append(ids["input_ids"] + [kit.eos_id])
         slots.append(len(rows[-1]) - 3)  # ... colour . <eos>
     width = max(map(len, rows))
@@ -225,7 +269,12 @@ def format_batch(kit: ModelKit, examples: Sequence[T.Example], rng: random.Rando
 
 def format_loss(logits: Tensor, targets: Tensor, mask: Tensor, slot: Tensor, colour_ids: Tensor) -> Tensor:
     """Format-only loss: cross-entropy on every response token but the colour slot, and at the slot
-    ``-log sum_{c in colours} p(c)`` (any colour is right: *that* a colour comes, not *which*).
+    the cross-entropy to the uniform distribution over the ``K`` colours, ``-(1/K) sum_c log p(c)``:
+    *that* a colour comes, each as likely as the others, never *which* one is right.
+
+    (``-log sum_c p(c)``, "some colour", would leave the split among the colours to the random
+    initialisation: a warm-up that way answered one colour ~80% of the time whatever the picture,
+    and RL then rarely sampled the right answer to the other pictures.)
 
     Args:
         logits: ``[N, T, V]`` at the positions predicting the response tokens.
@@ -240,22 +289,23 @@ def format_loss(logits: Tensor, targets: Tensor, mask: Tensor, slot: Tensor, col
         >>> logits = torch.zeros(1, 2, 5)  # uniform over 5 tokens; tokens 3 and 4 are "colours"
         >>> loss = format_loss(logits, torch.tensor([[0, 3]]), torch.ones(1, 2, dtype=torch.bool),
         ...                    torch.tensor([[False, True]]), torch.tensor([3, 4]))
-        >>> round(float(loss), 4)  # mean of log 5 and -log(2/5)
-        1.2629
+        >>> round(float(loss), 4)  # mean of log 5 and -(log(1/5) + log(1/5)) / 2
+        1.6094
     """
     logp = logits.float().log_softmax(-1)
     text = mask & ~slot
     ce = -logp.gather(-1, targets[..., None]).squeeze(-1)[text]
-    any_colour = -torch.logsumexp(logp[slot][:, colour_ids], dim=-1)
-    return torch.cat([ce, any_colour]).mean()
+    uniform = -logp[slot][:, colour_ids].mean(-1)
+    return torch.cat([ce, uniform]).mean()
 
 
 def warmup(model: torch.nn.Module, kit: ModelKit, *, steps: int, batch_size: int = 32, lr: float = 5e-3,
-           seed: int = 0, shapes: int = 1, progress: Any = None) -> list[float]:
-    """Supervised warm-up on the response format only (``format_loss``), AdamW.
+           seed: int = 0, shapes: int = 1, filler_words: int = 0, progress: Any = None) -> list[float]:
+    """Supervised warm-up on the response format only (``format_loss``), AdamW, on the model's device.
 
-    No answer is ever a target: the colour slot is trained towards the *set* of colours, so after
-    the warm-up the policy writes well-formed responses and picks colours at its (random-init) whim.
+    No answer is ever a target: the colour slot is trained towards the uniform distribution over
+    the colours, so after the warm-up the policy writes well-formed responses and picks each colour
+    about equally often, whatever the picture.
 
     Returns:
         The loss of every step.
@@ -268,12 +318,14 @@ def warmup(model: torch.nn.Module, kit: ModelKit, *, steps: int, batch_size: int
     """
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    colour_ids = torch.tensor(sorted(kit.colour_ids.values()))
+    device = next(model.parameters()).device
+    colour_ids = torch.tensor(sorted(kit.colour_ids.values()), device=device)
     model.train()
     losses = []
     for _ in range(steps):
         examples = T.make_examples(batch_size, rng.randrange(2**31), shapes)
-        inputs, mask, slot = format_batch(kit, examples, rng)
+        inputs, mask, slot = format_batch(kit, examples, rng, filler_words=filler_words)
+        inputs, mask, slot = to_device((inputs, mask, slot), device)
         logits = model(**inputs, use_cache=False).logits[:, -mask.shape[1] - 1:-1]
         loss = format_loss(logits, inputs["input_ids"][:, -mask.shape[1]:], mask, slot, colour_ids)
         opt.zero_grad(set_to_none=True)

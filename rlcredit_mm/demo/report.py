@@ -1,4 +1,5 @@
-"""Summaries of demo runs: the results table, 95% intervals over seeds, the verdict, learning curves."""
+"""Summaries of demo runs: the results tables, 95% intervals over seeds, the verdict, learning curves,
+the report text and the README block (``results.json`` in, Markdown out; nothing here measures)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["t_quantile", "interval", "summarize", "results_table", "verdict", "plot_curves"]
+__all__ = ["t_quantile", "interval", "summarize", "results_table", "evidence_table", "verdict", "plot_curves",
+           "report_text", "readme_block", "update_readme", "without_timings", "TIMING_KEYS", "README_START",
+           "README_END"]
+
+TIMING_KEYS = ("step_time_s", "step_cpu_s", "cpu_s_per_step", "wall_time_s", "cpu_time_s")
+"""Keys of ``results.json`` that hold timings (everything else is reproducible bit for bit)."""
+
+README_START = "<!-- demo-results:start (generated from docs/assets/demo_results.json; do not edit) -->"
+README_END = "<!-- demo-results:end -->"
 
 # Student-t 0.975 quantiles for 1..30 degrees of freedom (beyond: the normal 1.96).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -92,6 +101,7 @@ def summarize(records: Sequence[Mapping[str, Any]], presets: Sequence[str]) -> d
             "kept_share": _mean([_mean(r["kept_share"]) for r in runs]),
             "scale_std": _mean([_mean(r["scale_std"]) for r in runs]),
             "step_time_s": _median([t for r in runs for t in r["step_time_s"]]),
+            "cpu_s_per_step": _median([t for r in runs for t in r.get("step_cpu_s", [])]),
             "train_reward_last10": _mean([_mean(r["train_reward"][-10:]) for r in runs]),
             "runs": list(runs),
         }
@@ -110,30 +120,85 @@ def _fmt_steps(s: Mapping[str, Any], total_steps: int) -> str:
     return f"{s['median']:g} ({s['reached']}/{s['of']})"
 
 
+def _fmt_ratio(value: Any, bounds: Any = None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if bounds is None or bounds[0] is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+
+def _fmt_num(value: Any, form: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, form)
+
+
 def results_table(summary: Mapping[str, Mapping[str, Any]], *, threshold: float, steps: int) -> str:
     """The results as a Markdown table (one row per preset).
 
-    Columns: held-out greedy accuracy after the last step (mean over seeds and 95% t-interval),
+    Columns: held-out accuracy after the last step (mean over seeds and 95% t-interval),
     the median first step whose held-out accuracy reached ``threshold`` (seeds that reached it),
     the mean share of response tokens with non-zero weight, the mean std of each kept token's
-    effective advantage scale (``w A / A_GRPO``; 0 = plain GRPO credit), and the median wall time
-    of one RL step (sampling, credit, updates).
+    effective advantage scale (``w A / A_GRPO``; 0 = plain GRPO credit), the gradient variance
+    against GRPO's on the same rollouts, measured and as the bound predicts it (``grad_variance``,
+    when measured; geometric means over seeds), and the median CPU time of one RL step.
 
     Examples:
         >>> rec = {"preset": "grpo", "seed": 0, "final_accuracy": 0.75, "eval_accuracy": [0.25, 0.75],
         ...        "eval_steps": [0, 10], "steps_to_threshold": 10, "kept_share": [1.0], "scale_std": [0.0],
-        ...        "step_time_s": [0.1], "train_reward": [0.5]}
+        ...        "step_time_s": [0.1], "step_cpu_s": [0.1], "train_reward": [0.5]}
         >>> print(results_table(summarize([rec], ["grpo"]), threshold=0.6, steps=10).splitlines()[-1])
-        | grpo | 0.75 (1 seed) | 10 (1/1) | 100% | 0.000 | 0.100 |
+        | grpo | 0.75 (1 seed) | 10 (1/1) | 100% | 0.000 | - | - | 0.100 |
     """
-    head = (f"| preset | final accuracy (95% CI) | steps to {threshold:.0%} | kept tokens | adv. scale std | s / step |\n"
-            f"|---|---|---|---|---|---|")
+    head = (f"| preset | final accuracy (95% CI) | steps to {threshold:.0%} | kept tokens | adv. scale std | "
+            f"grad. variance / GRPO's | predicted k·E[w²α²] | CPU s / step |\n"
+            f"|---|---|---|---|---|---|---|---|")
     rows = [head]
     for preset, s in summary.items():
+        g = s.get("grad_variance") or {}
         rows.append(
             f"| {preset} | {_fmt_acc(s['final_accuracy'])} | {_fmt_steps(s['steps_to_threshold'], steps)} | "
-            f"{s['kept_share']:.0%} | {s['scale_std']:.3f} | {s['step_time_s']:.3f} |"
+            f"{s['kept_share']:.0%} | {s['scale_std']:.3f} | "
+            f"{_fmt_ratio(g.get('measured_ratio'), g.get('measured_interval'))} | "
+            f"{_fmt_ratio(g.get('predicted_ratio'))} | {_fmt_num(s.get('cpu_s_per_step'), '.3f')} |"
         )
+    return "\n".join(rows)
+
+
+def evidence_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """The mechanism numbers as a Markdown table: the gradient-variance ratios to GRPO's and the
+    dependency distribution (``rlcredit_mm.demo.evidence``), one row per preset.
+
+    Columns: measured ratio (95% interval over seeds), the bound's prediction ``k E[w^2 alpha^2]``,
+    the ratio with the real per-token gradient norms but uncorrelated terms, the share of
+    responses whose answer token is kept; then, for the exact KL against a black picture and
+    against VPPO's 50% patch blackout, the share of a response's tokens holding half its
+    dependency, the skewness of the token values and the share on the answer token.
+
+    Examples:
+        >>> g = {"measured_ratio": 0.9, "measured_interval": [0.7, 1.1], "predicted_ratio": 0.45,
+        ...      "uncorrelated_ratio": 0.8, "answer_kept": 1.0, "measurements": 3}
+        >>> d = {"half_share": 0.05, "skewness": 6.0, "answer_share": 0.97, "max": 4.0}
+        >>> print(evidence_table({"vppo": {"grad_variance": g, "dependency": {"black": d, "patch_blackout": d}}})
+        ...       .splitlines()[-1])
+        | vppo | 0.90 [0.70, 1.10] | 0.45 | 0.80 | 100% | 5% / 6.0 / 97% | 5% / 6.0 / 97% |
+    """
+    rows = ["| preset | grad. variance / GRPO's (95% CI) | predicted k·E[w²α²] | uncorrelated terms | answer kept | "
+            "black picture: half / skew / answer | patch blackout: half / skew / answer |",
+            "|---|---|---|---|---|---|---|"]
+    for preset, s in summary.items():
+        g = s.get("grad_variance")
+        if not g or not g.get("measurements"):
+            continue
+        dep = []
+        for name in ("black", "patch_blackout"):
+            d = s["dependency"][name]
+            dep.append(f"{_fmt_num(d['half_share'], '.0%')} / {_fmt_num(d['skewness'], '.1f')} / "
+                       f"{_fmt_num(d['answer_share'], '.0%')}")
+        rows.append(f"| {preset} | {_fmt_ratio(g['measured_ratio'], g.get('measured_interval'))} | "
+                    f"{_fmt_ratio(g['predicted_ratio'])} | {_fmt_ratio(g['uncorrelated_ratio'])} | "
+                    f"{_fmt_num(g['answer_kept'], '.0%')} | {dep[0]} | {dep[1]} |")
     return "\n".join(rows)
 
 
@@ -158,7 +223,7 @@ def verdict(summary: Mapping[str, Mapping[str, Any]], baseline: str = "grpo") ->
         return []
     base = summary[baseline]["final_accuracy"]
     if base["n"] < 2:
-        return [f"1 seed: no intervals, so no comparison with {baseline}; run with --seeds 3 (the default) to compare."]
+        return [f"1 seed: no intervals, so no comparison with {baseline}; run with --seeds 2 or more to compare."]
     lines = []
     for preset, s in summary.items():
         if preset == baseline:
@@ -213,10 +278,85 @@ def plot_curves(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathLik
         axes[1].plot(range(1, n + 1), smooth, color=line.get_color(), label=preset)
     axes[0].axhline(threshold, color="#999", linestyle="--", linewidth=0.8)
     axes[0].axhline(chance, color="#bbb", linestyle=":", linewidth=0.8)
-    axes[0].set(title="held-out accuracy (greedy)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
+    axes[0].set(title="held-out accuracy (one sample per prompt)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
     axes[1].axhline(chance, color="#bbb", linestyle=":", linewidth=0.8)
     axes[1].set(title="training reward (sampled, moving mean)", xlabel="RL step", ylabel="mean reward", ylim=(-0.02, 1.02))
     axes[0].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def report_text(results: Mapping[str, Any]) -> str:
+    """The results table, the verdict, the mechanism table and the footnote, as Markdown
+    (``results.md``, and what ``rlcredit demo`` prints).
+
+    Examples:
+        >>> rec = {"preset": "grpo", "seed": 0, "final_accuracy": 0.75, "eval_accuracy": [0.25, 0.75],
+        ...        "eval_steps": [0, 10], "steps_to_threshold": 10, "kept_share": [1.0], "scale_std": [0.0],
+        ...        "step_time_s": [0.1], "step_cpu_s": [0.1], "train_reward": [0.5]}
+        >>> results = {"config": {"threshold": 0.6, "steps": 10, "eval_prompts": 64},
+        ...            "summary": summarize([rec], ["grpo"]), "verdict": ["one line."],
+        ...            "task": {"chance_accuracy": 0.25}, "wall_time_s": {"total": 12.3}, "cpu_time_s": {"total": 10.0}}
+        >>> print(report_text(results).splitlines()[2])
+        | grpo | 0.75 (1 seed) | 10 (1/1) | 100% | 0.000 | - | - | 0.100 |
+    """
+    cfg = results["config"]
+    table = results_table(results["summary"], threshold=cfg["threshold"], steps=cfg["steps"])
+    mechanism = evidence_table(results["summary"])
+    parts = [table, "\n".join(f"- {line}" for line in results["verdict"])]
+    if mechanism.count("\n") > 1:
+        parts.append(mechanism)
+    parts.append(f"Chance accuracy {results['task']['chance_accuracy']:.2f}; held-out accuracy is the mean reward of one "
+                 f"sampled response to each of {cfg['eval_prompts']} fixed prompts. Wall time {results['wall_time_s']['total']:.0f} s, CPU time "
+                 f"{results['cpu_time_s']['total']:.0f} s.")
+    return "\n\n".join(parts) + "\n"
+
+
+def readme_block(results: Mapping[str, Any]) -> str:
+    """The README's generated block: the results table, the verdict and the mechanism table of
+    ``results`` (a default run's ``results.json``), between ``README_START`` and ``README_END``.
+
+    Timings other than CPU time per step are left out (they depend on the machine).
+    """
+    cfg = results["config"]
+    table = results_table(results["summary"], threshold=cfg["threshold"], steps=cfg["steps"])
+    verdict_lines = "\n".join(f"- {line}" for line in results["verdict"])
+    return f"{README_START}\n{table}\n\n{verdict_lines}\n\n{evidence_table(results['summary'])}\n{README_END}"
+
+
+def update_readme(readme: str | os.PathLike, results: Mapping[str, Any]) -> bool:
+    """Replace the block between ``README_START`` and ``README_END`` in ``readme`` by ``readme_block(results)``.
+
+    Returns:
+        Whether the file changed.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    from pathlib import Path
+
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path}: no '{README_START}' ... '{README_END}' block to replace.")
+    new = text[:start] + readme_block(results) + text[end + len(README_END):]
+    path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def without_timings(value: Any) -> Any:
+    """``value`` (a ``results.json`` structure) with every ``TIMING_KEYS`` entry removed, recursively:
+    what two runs with the same arguments on the same machine give identically.
+
+    Examples:
+        >>> without_timings({"a": 1, "wall_time_s": {"total": 3.0}, "runs": [{"step_time_s": [0.1], "b": 2}]})
+        {'a': 1, 'runs': [{'b': 2}]}
+    """
+    if isinstance(value, Mapping):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+

@@ -1,7 +1,8 @@
 """``rlcredit demo``: train the presets over seeds, then write the results folder atomically.
 
 The folder (``--out``, default ``./rlcredit-demo/``) holds ``results.json`` (config, per-run curves
-and the summary), ``results.md`` (the table and verdict), ``curves.png`` (learning curves),
+and measurements, the summary), ``results.md`` (the tables and verdict), ``curves.png`` (learning
+curves), ``variance.png`` (gradient variance against GRPO's, measured and predicted),
 ``heatmaps.html`` / ``heatmaps.png`` (per-token visual dependency and connectivity of sample
 responses) and ``model/`` (the trained VPPO policy of seed 0 with its tokenizer and image
 processor, for ``rlcredit inspect``) with ``sample.png``. Everything is written into a temporary
@@ -33,9 +34,11 @@ import rlcredit
 from rlcredit.errors import SpecError
 from rlcredit.specs import SPEC_SUFFIXES
 from rlcredit_mm._files import new_folder
+from rlcredit_mm.demo import evidence as E
 from rlcredit_mm.demo import model as M
 from rlcredit_mm.demo import report as R
 from rlcredit_mm.demo import task as T
+from rlcredit_mm.demo.report import report_text
 from rlcredit_mm.demo.train import DemoConfig, run_preset, sample, warm_start
 
 __all__ = ["DEFAULT_OUT", "REGENERATE", "Training", "check_presets", "prepare_output", "train", "write_results",
@@ -44,9 +47,11 @@ __all__ = ["DEFAULT_OUT", "REGENERATE", "Training", "check_presets", "prepare_ou
 DEFAULT_OUT = "rlcredit-demo"
 """The default output folder (``--out``)."""
 
-REGENERATE = ("rlcredit demo && cp rlcredit-demo/curves.png docs/assets/demo_curves.png "
-              "&& cp rlcredit-demo/heatmaps.png docs/assets/demo_heatmaps.png")
-"""The command that regenerates the README's figures (a default run)."""
+REGENERATE = ("rlcredit demo --device cpu --no-progress && for f in curves heatmaps variance; do "
+              "cp rlcredit-demo/$f.png docs/assets/demo_$f.png; done && cp rlcredit-demo/results.json "
+              "docs/assets/demo_results.json && python -m rlcredit_mm.demo.readme docs/assets/demo_results.json "
+              "README.md docs/demo.md")
+"""The command that regenerates the README's and ``docs/demo.md``'s figures and tables (a default run on the CPU)."""
 
 _MARKER = "results.json"
 
@@ -147,33 +152,53 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+def heatmap_examples(n: int, shapes: int) -> list[T.Example]:
+    """``n`` fixed examples for the heatmaps, answers cycling through the colours.
+
+    A policy's visual dependency against a black picture is small on the colour it gives to a
+    black picture (``docs/demo.md``), so showing one answer colour only can mislead.
+
+    Examples:
+        >>> [ex.answer for ex in heatmap_examples(5, 1)]
+        ['red', 'green', 'blue', 'yellow', 'red']
+    """
+    pool = T.make_examples(64 * max(1, n), 424242, shapes)
+    colours, out = list(T.COLOURS), []
+    for k in range(n):
+        want = colours[k % len(colours)]
+        out.append(next(ex for ex in pool if ex.answer == want and ex not in out))
+    return out
+
+
 def _heatmaps(kit: M.ModelKit, models: Mapping[str, Any], presets: Mapping[str, str], cfg: DemoConfig) -> list[Any]:
     """Token heatmaps of sampled responses of the trained seed-0 policies (VPPO and GRPO first)."""
     from rlcredit_mm.inspect import TokenHeatmap, token_scores
 
     shown = [p for p in ("vppo", "grpo") if p in models] or list(models)[:1]
-    examples = T.make_examples(cfg.heatmap_samples, 424242, cfg.shapes)
+    examples = heatmap_examples(cfg.heatmap_samples, cfg.shapes)
     out = []
     for preset in shown:
         model = models[preset]
         policy = rlcredit.HFPolicy(model, rows_per_chunk=16)
         strategy = rlcredit.build(presets[preset])
         torch.manual_seed(0)
-        prompt = M.encode_prompts(kit, examples)
-        sampled = sample(model, kit, prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        prompt = M.to_device(M.encode_prompts(kit, examples), policy.device)
+        sampled = sample(model, kit, prompt, max_new_tokens=cfg.response_limit, temperature=cfg.temperature)
         inputs = M.join_responses(prompt, sampled.responses, sampled.mask)
         scores = token_scores(policy, inputs, sampled.mask)
         n = len(examples)
         stats = policy.response_stats(inputs, sampled.mask, entropy=True)
-        rollout = rlcredit.Rollout(sampled.mask, torch.zeros(n), torch.arange(n), old_logprobs=stats.logprobs,
+        rollout = rlcredit.Rollout(sampled.mask, torch.zeros(n, device=policy.device),
+                                   torch.arange(n, device=policy.device), old_logprobs=stats.logprobs,
                                    signals={"entropy": stats.entropy}, model_inputs=inputs)
-        kept = strategy.assign(rollout, policy).token_weights > 0
-        partial = not bool(kept[sampled.mask].all())  # underline kept tokens only when some are dropped
+        kept = (strategy.assign(rollout, policy).token_weights > 0).cpu()
+        mask, responses = sampled.mask.cpu(), sampled.responses.cpu()
+        scores = {k: v.cpu() for k, v in scores.items()}
+        partial = not bool(kept[mask].all())  # underline kept tokens only when some are dropped
         for i, ex in enumerate(examples):
-            m = sampled.mask[i]
-            ids = sampled.responses[i][m].tolist()
-            words = kit.words(sampled.responses[i])
-            r = T.reward(ex, words, bool(sampled.finished[i]))
+            m = mask[i]
+            ids = responses[i][m].tolist()
+            r = T.reward(ex, kit.words(responses[i]), bool(sampled.finished[i]))
             out.append(TokenHeatmap(
                 T.render(ex, kit.image_size), f"what colour is the {ex.asked} ?  (answer: {ex.answer})",
                 [kit.vocab[j] for j in ids], {k: v[i][m].tolist() for k, v in scores.items()},
@@ -201,7 +226,8 @@ class Training:
         records: one per (preset, seed), from ``run_preset``, in training order.
         models: label -> the trained policy of seed 0.
         warmup_final_loss: seed -> the format warm-up's last loss (None without a warm-up).
-        seconds: wall time of the warm-ups and RL runs.
+        seconds: wall time of the warm-ups and RL runs; cpu_seconds: their CPU time (this process).
+        device: where they ran.
     """
 
     kit: M.ModelKit
@@ -209,6 +235,8 @@ class Training:
     models: dict[str, Any]
     warmup_final_loss: dict[int, float | None]
     seconds: float
+    cpu_seconds: float
+    device: str
 
 
 def train(cfg: DemoConfig, presets: Mapping[str, str]) -> Training:
@@ -224,7 +252,8 @@ def train(cfg: DemoConfig, presets: Mapping[str, str]) -> Training:
         >>> [(r["preset"], r["seed"], len(r["train_reward"])) for r in done.records], list(done.models)
         ([('grpo', 0, 1)], ['grpo'])
     """
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
+    device = M.resolve_device(cfg.device)
     kit = M.ModelKit()
     records: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
@@ -232,14 +261,15 @@ def train(cfg: DemoConfig, presets: Mapping[str, str]) -> Training:
     with _bar(cfg.seeds * cfg.warmup_steps, "format warm-up", cfg.progress) as wbar, \
             _bar(cfg.seeds * len(presets) * cfg.steps, "RL", cfg.progress) as bar:
         for seed in range(cfg.seeds):
-            state, losses = warm_start(kit, cfg, seed, progress=wbar)
+            state, losses = warm_start(kit, cfg, seed, progress=wbar, device=device)
             warm_losses[seed] = losses[-1] if losses else None
             for label, spec in presets.items():
-                record, model = run_preset(spec, seed, kit, state, cfg, progress=bar, label=label)
+                record, model = run_preset(spec, seed, kit, state, cfg, progress=bar, label=label, device=device)
                 records.append(record)
                 if seed == 0:
                     models[label] = model
-    return Training(kit, records, models, warm_losses, time.perf_counter() - start)
+    return Training(kit, records, models, warm_losses, time.perf_counter() - start, time.process_time() - cpu,
+                    str(device))
 
 
 _INTRO = ("Each token of a sampled response, coloured by its visual dependency (exact KL between the policy's "
@@ -249,22 +279,30 @@ _INTRO = ("Each token of a sampled response, coloured by its visual dependency (
 
 
 def write_results(cfg: DemoConfig, presets: Mapping[str, str], trained: Training, folder: Path, *,
-                  start: float) -> dict[str, Any]:
+                  start: float, start_cpu: float) -> dict[str, Any]:
     """Write the results folder's files into ``folder`` and return the results dictionary.
 
-    Files: ``curves.png``, ``heatmaps.html`` and ``heatmaps.png`` (when ``cfg.heatmap_samples``),
-    ``model/`` (the seed-0 VPPO policy, else the first preset's), ``sample.png``, ``results.json``
-    and ``results.md`` (``report_text``).
+    Files: ``curves.png``, ``variance.png`` (``evidence.plot_evidence``), ``heatmaps.html`` and
+    ``heatmaps.png`` (when ``cfg.heatmap_samples``), ``model/`` (the seed-0 VPPO policy, else the
+    first preset's), ``sample.png``, ``results.json`` and ``results.md`` (``report.report_text``).
+
+    ``results.json``'s ``summary[preset]`` holds ``grad_variance`` (``measured_ratio``,
+    ``predicted_ratio``, ``uncorrelated_ratio``, their ``*_interval`` over seeds, ``per_seed``,
+    ``answer_kept``, ``measurements``) and ``dependency`` (``evidence.summarize_evidence``).
 
     Args:
         cfg: the run's settings; presets: label -> name or spec file; trained: from ``train``.
         folder: an existing, empty folder.
-        start: ``time.perf_counter()`` at the start of the run (for the total wall time).
+        start, start_cpu: ``time.perf_counter()`` and ``time.process_time()`` at the start of the run
+            (for the total wall and CPU time).
     """
     kit = trained.kit
     summary = R.summarize(trained.records, list(presets))
+    for s in summary.values():
+        s.update(E.summarize_evidence(s["runs"]))
     chance = 1.0 / len(T.COLOURS)
     R.plot_curves(summary, folder / "curves.png", threshold=cfg.threshold, chance=chance)
+    E.plot_evidence(summary, folder / "variance.png")
     if cfg.heatmap_samples:
         from rlcredit_mm.inspect import heatmap_html, heatmap_png
 
@@ -277,44 +315,26 @@ def write_results(cfg: DemoConfig, presets: Mapping[str, str], trained: Training
     keep = "vppo" if "vppo" in trained.models else next(iter(trained.models))
     _save_model(kit, trained.models[keep], folder / "model")
     T.render(T.make_example(7, cfg.shapes), kit.image_size).save(folder / "sample.png")
-    wall_s = time.perf_counter() - start
+    wall_s, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     results = {
         "config": cfg.to_dict(),
         "task": {"colours": list(T.COLOURS), "shapes": list(T.SHAPES), "chance_accuracy": chance,
                  "image_size": kit.image_size, "eval_prompts": cfg.eval_prompts},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": __import__("transformers").__version__, "rlcredit": rlcredit.__version__,
-                        "threads": cfg.threads, "cpus": os.cpu_count(), "platform": platform.platform()},
+                        "threads": cfg.threads, "cpus": os.cpu_count(), "platform": platform.platform(),
+                        "device": trained.device},
         "warmup_final_loss": trained.warmup_final_loss,
         "summary": {p: {k: v for k, v in s.items() if k != "runs"} for p, s in summary.items()},
         "verdict": R.verdict(summary),
         "runs": trained.records,
         "inspect_model": keep,
         "wall_time_s": {"training": trained.seconds, "total": wall_s},
+        "cpu_time_s": {"training": trained.cpu_seconds, "total": cpu_s},
     }
     (folder / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (folder / "results.md").write_text(report_text(results), encoding="utf-8")
     return results
-
-
-def report_text(results: Mapping[str, Any]) -> str:
-    """The results table, the verdict and the footnote, as Markdown (``results.md``, and what is printed).
-
-    Examples:
-        >>> rec = {"preset": "grpo", "seed": 0, "final_accuracy": 0.75, "eval_accuracy": [0.25, 0.75],
-        ...        "eval_steps": [0, 10], "steps_to_threshold": 10, "kept_share": [1.0], "scale_std": [0.0],
-        ...        "step_time_s": [0.1], "train_reward": [0.5]}
-        >>> results = {"config": {"threshold": 0.6, "steps": 10, "eval_prompts": 64},
-        ...            "summary": R.summarize([rec], ["grpo"]), "verdict": ["one line."],
-        ...            "task": {"chance_accuracy": 0.25}, "wall_time_s": {"total": 12.3}}
-        >>> print(report_text(results).splitlines()[2])
-        | grpo | 0.75 (1 seed) | 10 (1/1) | 100% | 0.000 | 0.100 |
-    """
-    cfg = results["config"]
-    table = R.results_table(results["summary"], threshold=cfg["threshold"], steps=cfg["steps"])
-    return (f"{table}\n\n" + "\n".join(f"- {line}" for line in results["verdict"]) +
-            f"\n\nChance accuracy {results['task']['chance_accuracy']:.2f}; held-out accuracy is greedy on "
-            f"{cfg['eval_prompts']} fixed prompts. Wall time {results['wall_time_s']['total']:.0f} s.\n")
 
 
 def print_report(results: Mapping[str, Any], cfg: DemoConfig, out: Path, stream: Any) -> None:
@@ -322,7 +342,7 @@ def print_report(results: Mapping[str, Any], cfg: DemoConfig, out: Path, stream:
     example = T.make_example(7, cfg.shapes)
     print("", file=stream)
     print(report_text(results), file=stream)
-    print(f"wrote {out}/: results.json, results.md, curves.png"
+    print(f"wrote {out}/: results.json, results.md, curves.png, variance.png"
           f"{', heatmaps.html, heatmaps.png' if cfg.heatmap_samples else ''}, model/ ({results['inspect_model']}, "
           f"for rlcredit inspect), sample.png", file=stream)
     print(f"try: rlcredit inspect --model {out}/model --image {out}/sample.png "
@@ -354,7 +374,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = DEFAULT_OUT, *, stream: A
         >>> out = Path(tempfile.mkdtemp()) / "demo"
         >>> results = run_demo(cfg, out, stream=io.StringIO())
         >>> sorted(p.name for p in out.iterdir())
-        ['curves.png', 'model', 'results.json', 'results.md', 'sample.png']
+        ['curves.png', 'model', 'results.json', 'results.md', 'sample.png', 'variance.png']
         >>> list(results["summary"])
         ['grpo']
     """
@@ -365,11 +385,11 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike = DEFAULT_OUT, *, stream: A
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         print(f"rlcredit demo: {len(presets)} presets x {cfg.seeds} seeds x {cfg.steps} steps "
               f"({cfg.prompts_per_step} prompts x {cfg.group_size} samples per step) -> {out_path}", file=stream)
         trained = train(cfg, presets)
-        results = write_results(cfg, presets, trained, tmp, start=start)
+        results = write_results(cfg, presets, trained, tmp, start=start, start_cpu=start_cpu)
         _publish(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

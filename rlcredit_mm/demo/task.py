@@ -8,11 +8,15 @@ Every example is generated on the fly from a seed, nothing is downloaded:
   cell each (a cell is exactly one merged Qwen2.5-VL image token at 56 px).
 * **prompt** — ``"what colour is the {shape} ?"``: the shape named is in the picture, its colour can
   only be read from the image.
-* **response format** — ``"{filler} the answer is {colour} ."`` then ``<eos>``. The filler is one of a
-  few image-independent "reasoning" phrases; only the colour token depends on the image, which is
-  why token-level credit matters here.
-* **reward** — 1.0 when the response is exactly one filler phrase, then ``the answer is {colour} .``
-  with the asked shape's colour, then ``<eos>``; else 0.0 (a broken format earns nothing).
+* **response format** — ``"{filler} the answer is {colour} ."`` then ``<eos>``. The filler is any
+  sequence of ``FILLER_WORDS`` ("hmm so wait ...") and ``FILLERS`` phrases ("let me look at the
+  picture ."), image-independent "reasoning" that the reward ignores; only the colour token
+  depends on the image. (The warm-up writes ``filler_words`` words, then one phrase.)
+  Every filler word is a free choice among ``len(FILLER_WORDS)`` equally good ones: a token with a
+  high entropy, a gradient, and no bearing on the reward. GRPO gives it the response's whole
+  advantage anyway, which is why token-level credit should matter here.
+* **reward** — 1.0 when the response is well formed (``parse_answer``), names the asked shape's
+  colour and ends with ``<eos>``; else 0.0 (a broken format earns nothing).
 
 The tokenizer is word-level, built offline with the ``tokenizers`` library.
 """
@@ -27,7 +31,7 @@ from typing import Any
 import attrs
 
 __all__ = [
-    "COLOURS", "SHAPES", "FILLERS", "SPECIAL_TOKENS", "Example", "vocabulary", "build_tokenizer",
+    "COLOURS", "SHAPES", "FILLERS", "FILLER_WORDS", "longest_response", "SPECIAL_TOKENS", "Example", "vocabulary", "build_tokenizer",
     "make_example", "make_examples", "render", "prompt_text", "response_text", "reward", "parse_answer",
 ]
 
@@ -48,7 +52,11 @@ FILLERS: tuple[str, ...] = (
     "ok .",
     "the question asks about the {shape} .",
 )
-"""Image-independent "reasoning" phrases that open a response (``{shape}`` is the asked shape)."""
+"""Image-independent "reasoning" phrases before the answer (``{shape}`` is the asked shape)."""
+
+FILLER_WORDS: tuple[str, ...] = ("hmm", "so", "well", "wait", "right", "now", "then", "thus")
+"""Image-independent filler words that may open a response, any number of them, in any order
+(none of them occurs in ``FILLERS`` or in the answer template)."""
 
 PAD, EOS, UNK, VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = (
     "<pad>", "<eos>", "<unk>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>",
@@ -57,6 +65,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, UNK, VISION_START, IMAGE_PAD, VISIO
 
 ANSWER_PREFIX: tuple[str, ...] = ("the", "answer", "is")
 _FILLER_TEXTS = frozenset(f.format(shape=s) for f in FILLERS for s in SHAPES)
+_PHRASE_LENGTHS = sorted({len(t.split()) for t in _FILLER_TEXTS})
 
 
 def vocabulary() -> list[str]:
@@ -68,7 +77,7 @@ def vocabulary() -> list[str]:
         (['<pad>', '<eos>'], True)
     """
     words: list[str] = list(SPECIAL_TOKENS)
-    text = " ".join(["what colour is the ?", *SHAPES, *COLOURS, *FILLERS, " ".join(ANSWER_PREFIX)])
+    text = " ".join(["what colour is the ?", *SHAPES, *COLOURS, *FILLERS, " ".join(ANSWER_PREFIX), *FILLER_WORDS])
     for w in text.replace("{shape}", "").split():
         if w not in words:
             words.append(w)
@@ -179,29 +188,61 @@ def prompt_text(example: Example, image_tokens: int) -> str:
     return f"{image} what colour is the {example.asked} ?"
 
 
-def response_text(example: Example, colour: str, filler: int) -> str:
-    """A well-formed response with filler phrase ``filler`` and answer ``colour`` (no ``<eos>``)."""
+def response_text(example: Example, colour: str, filler: int, words: Sequence[int] = ()) -> str:
+    """A well-formed response (no ``<eos>``): the filler words ``words`` (indices into
+    ``FILLER_WORDS``), the filler phrase ``filler`` (an index into ``FILLERS``), the answer ``colour``.
+
+    Examples:
+        >>> ex = make_example(0)
+        >>> response_text(ex, "red", 3), response_text(ex, "red", 3, words=[0, 3])
+        ('ok . the answer is red .', 'hmm wait ok . the answer is red .')
+    """
     lead = FILLERS[filler % len(FILLERS)].format(shape=example.asked)
-    return f"{lead} {' '.join(ANSWER_PREFIX)} {colour} ."
+    head = "".join(f"{FILLER_WORDS[w % len(FILLER_WORDS)]} " for w in words)
+    return f"{head}{lead} {' '.join(ANSWER_PREFIX)} {colour} ."
+
+
+def longest_response(filler_words: int) -> int:
+    """Tokens of the longest well-formed response with ``filler_words`` filler words, ``<eos>`` included.
+
+    Examples:
+        >>> longest_response(0), longest_response(8)  # "i will check each shape in turn ." is 8 words
+        (14, 22)
+    """
+    longest = max(len(f.format(shape=SHAPES[0]).split()) for f in FILLERS)
+    return filler_words + longest + len(ANSWER_PREFIX) + 3  # ... the answer is X . <eos>
 
 
 def parse_answer(words: Sequence[str]) -> str | None:
     """The colour of a well-formed response, or None when the format is broken.
 
-    Well formed: one of the ``FILLERS`` (with the asked shape, or any shape), then
-    ``the answer is X .`` and nothing else (the ``<eos>`` after it is checked by ``reward``).
+    Well formed: a filler made of ``FILLER_WORDS`` and ``FILLERS`` phrases (each with any
+    shape), any number of each in any order, none included; then ``the answer is X .`` and
+    nothing else (the ``<eos>`` after it is checked by ``reward``). No filler word starts a
+    phrase, so the split is unique.
 
     Examples:
         >>> parse_answer("ok . the answer is blue .".split())
         'blue'
-        >>> parse_answer("ok ok . the answer is blue .".split()) is None
+        >>> parse_answer("hmm so ok . hmm the answer is blue .".split())
+        'blue'
+        >>> parse_answer("the answer is blue .".split())
+        'blue'
+        >>> parse_answer("ok ok . the answer is blue .".split()) is None  # "ok ok ." is no phrase
         True
     """
     n = len(ANSWER_PREFIX)
     if len(words) < n + 2 or tuple(words[-n - 2:-2]) != ANSWER_PREFIX or words[-1] != ".":
         return None
-    if " ".join(words[:-n - 2]) not in _FILLER_TEXTS:
-        return None
+    lead, i = list(words[:-n - 2]), 0
+    while i < len(lead):
+        if lead[i] in FILLER_WORDS:
+            i += 1
+            continue
+        size = next((k for k in _PHRASE_LENGTHS if " ".join(lead[i:i + k]) in _FILLER_TEXTS), None)
+        if size is None:
+            return None
+        i += size
     return words[-2]
 
 

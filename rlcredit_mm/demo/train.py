@@ -9,16 +9,18 @@ of that seed, so every preset starts from the same weights and sees the same pro
    (``old_logprobs``, ``signals["entropy"]``);
 3. ``strategy.assign(rollout, policy)`` computes scores, token weights and advantages (VPPO's
    perturbed forward and AT-RL's attention capture run here, through the same policy);
+   at step 1 and every ``eval_every`` steps, ``measure`` records the mechanism evidence on this
+   batch (the gradient variance against GRPO's credit, the dependency distribution; the pass of
+   step 2 also returns the hidden states it needs);
 4. ``minibatches`` AdamW updates on consecutive groups, each ``strategy.loss`` on
    ``rollout.select(rows)`` and ``credit.select(rows)`` (the second one is off-policy, so clipping
    matters, as in verl/TRL with ``ppo_epochs=1`` and several mini-batches).
 
-Every ``eval_every`` steps the greedy policy answers a fixed held-out set.
+Every ``eval_every`` steps the policy answers a fixed held-out set (one sampled response per prompt).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -30,176 +32,15 @@ from torch import Tensor
 
 import rlcredit
 from rlcredit import functional as F
-from rlcredit.errors import SpecError
-from rlcredit.validators import is_bool
+from rlcredit_mm.demo import evidence as E
 from rlcredit_mm.demo import model as M
 from rlcredit_mm.demo import task as T
+from rlcredit_mm.demo.config import DEFAULT_PRESETS, QUICK, DemoConfig
 
 __all__ = ["DEFAULT_PRESETS", "QUICK", "DemoConfig", "Sampled", "sample", "evaluate", "run_preset", "scale_spread",
-           "warm_start"]
+           "warm_start", "answer_mask", "measure"]
 
-DEFAULT_PRESETS: tuple[str, ...] = ("grpo", "dapo", "entropy_forks", "vppo", "at_rl")
 EVAL_SEED = 1_000_003  # the held-out set is the same for every preset and seed
-
-
-def _positive_int(instance: Any, attribute: Any, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SpecError(f"DemoConfig.{attribute.name} must be a positive integer, got {value!r}.")
-
-
-def _nonneg_int(instance: Any, attribute: Any, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SpecError(f"DemoConfig.{attribute.name} must be an integer >= 0, got {value!r}.")
-
-
-def _positive_float(instance: Any, attribute: Any, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
-        raise SpecError(f"DemoConfig.{attribute.name} must be a finite number > 0, got {value!r}.")
-
-
-def _shape_count(instance: Any, attribute: Any, value: Any) -> None:
-    _positive_int(instance, attribute, value)
-    if value > len(T.SHAPES):
-        raise SpecError(f"DemoConfig.shapes must be in [1, {len(T.SHAPES)}], got {value}.")
-
-
-def _accuracy(instance: Any, attribute: Any, value: Any) -> None:
-    _positive_float(instance, attribute, value)
-    if value > 1:
-        raise SpecError(f"DemoConfig.{attribute.name} is an accuracy in (0, 1], got {value}.")
-
-
-def _width(instance: Any, attribute: Any, value: Any) -> None:
-    _positive_int(instance, attribute, value)
-    if value % 16:
-        raise SpecError(f"DemoConfig.{attribute.name} must be a multiple of 16 (attention heads of 16), got {value}.")
-
-
-def _to_presets(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    return tuple(value)
-
-
-def _check_presets(instance: Any, attribute: Any, value: tuple[str, ...]) -> None:
-    if not value:
-        raise SpecError("DemoConfig.presets is empty; name at least one preset, e.g. --presets grpo,vppo.")
-    bad = [v for v in value if not isinstance(v, str) or not v]
-    if bad:
-        raise SpecError(f"DemoConfig.presets holds preset names or spec file paths (strings), got {bad[0]!r}.")
-    if len(set(value)) != len(value):
-        raise SpecError(f"DemoConfig.presets lists a preset twice: {', '.join(value)}.")
-
-
-def _help(text: str) -> dict[str, str]:
-    """Field metadata that makes the field a ``rlcredit demo`` flag (``--name-with-dashes``) with this help."""
-    return {"help": text}
-
-
-QUICK: dict[str, Any] = dict(seeds=1, steps=4, prompts_per_step=4, group_size=4, warmup_steps=60,
-                             eval_prompts=16, eval_every=2, heatmap_samples=2)
-"""The ``--quick`` bundle (``DemoConfig.quick``): smaller values for a smoke run of every preset."""
-
-
-@attrs.frozen
-class DemoConfig:
-    """Everything that defines a demo run; the fields with ``help`` metadata are the ``rlcredit demo`` flags.
-
-    Each field holds its default and its validator, and nothing else does: ``rlcredit demo``
-    derives its flags (name, type, help, default shown) from these fields and builds a
-    ``DemoConfig`` from what was given (``--quick``: ``DemoConfig.quick``, then the flags).
-
-    Args:
-        presets: what to train: registered preset names (``rlcredit.build(name)``) or paths of
-            strategy spec files (``.json``, ``.yaml``, ``.yml``, ``.toml``; labelled by their file
-            stem in the results). A string is split on commas.
-        seeds: number of seeds (0 .. seeds-1); each seed has its own warm-up, prompts and sampling.
-        steps: RL steps per run.
-        prompts_per_step: prompts per step; group_size: responses per prompt (``B = P * G`` rows).
-        minibatches: optimiser steps per rollout batch (consecutive groups).
-        lr: AdamW learning rate of the RL updates; warmup_lr: of the format warm-up.
-        lr_warmup: RL steps over which the learning rate ramps up linearly from ``lr / n`` (Adam's
-            first steps move every parameter by ~``lr`` whatever its gradient; without a ramp a
-            sparse token mask can wreck the response format in two steps).
-        warmup_steps: format warm-up steps (batch 32, random answers).
-        max_new_tokens: response length limit (a response cut there earns 0).
-        temperature: sampling temperature (also used for the log-probs).
-        eval_prompts: held-out prompts answered greedily every ``eval_every`` steps.
-        threshold: held-out accuracy whose first crossing is reported as "steps to threshold".
-        shapes: shapes per picture (1: read the colour of the only shape; 2-3: find the asked one).
-        hidden: model width (a multiple of 16).
-        heatmap_samples: sample responses shown in ``heatmaps.html``.
-        threads: torch intra-op threads during the run (restored afterwards). 1 is as fast for
-            these tiny matrices and immune to oversubscription: with 2 OpenMP threads on 2 busy
-            cores a step was measured 40x slower.
-        progress: show tqdm progress bars.
-
-    Raises:
-        SpecError: a bad value (the message names the field and the accepted range).
-
-    Examples:
-        >>> cfg = DemoConfig(presets="grpo,vppo", seeds=2)
-        >>> cfg.presets, cfg.prompts_per_step * cfg.group_size
-        (('grpo', 'vppo'), 64)
-        >>> [f.name for f in attrs.fields(DemoConfig) if "help" in f.metadata]
-        ['presets', 'seeds', 'steps', 'lr', 'threshold', 'shapes', 'progress']
-        >>> DemoConfig(minibatches=3)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        rlcredit.errors.SpecError: DemoConfig.minibatches (3) must divide prompts_per_step (8): ...
-    """
-
-    presets: tuple[str, ...] = attrs.field(
-        default=DEFAULT_PRESETS, converter=_to_presets, validator=_check_presets,
-        metadata=_help("comma-separated preset names or strategy spec files (.json, .yaml, .yml, .toml; "
-                       "labelled by file stem)"))
-    seeds: int = attrs.field(default=3, validator=_positive_int, metadata=_help("number of seeds, 0..N-1"))
-    steps: int = attrs.field(default=100, validator=_positive_int, metadata=_help("RL steps per run"))
-    prompts_per_step: int = attrs.field(default=8, validator=_positive_int)
-    group_size: int = attrs.field(default=8, validator=_positive_int)
-    minibatches: int = attrs.field(default=2, validator=_positive_int)
-    lr: float = attrs.field(default=1e-3, validator=_positive_float,
-                            metadata=_help("AdamW learning rate of the RL updates"))
-    lr_warmup: int = attrs.field(default=10, validator=_nonneg_int)
-    warmup_steps: int = attrs.field(default=120, validator=_nonneg_int)
-    warmup_lr: float = attrs.field(default=5e-3, validator=_positive_float)
-    max_new_tokens: int = attrs.field(default=16, validator=_positive_int)
-    temperature: float = attrs.field(default=1.0, validator=_positive_float)
-    eval_prompts: int = attrs.field(default=64, validator=_positive_int)
-    eval_every: int = attrs.field(default=10, validator=_positive_int)
-    threshold: float = attrs.field(default=0.6, validator=_accuracy,
-                                   metadata=_help("held-out accuracy for 'steps to threshold', in (0, 1]"))
-    shapes: int = attrs.field(default=1, validator=_shape_count,
-                              metadata=_help("shapes per picture, 1-3 (2-3 make the model find the asked shape)"))
-    hidden: int = attrs.field(default=64, validator=_width)
-    heatmap_samples: int = attrs.field(default=4, validator=_nonneg_int)
-    threads: int = attrs.field(default=1, validator=_positive_int)
-    progress: bool = attrs.field(default=True, validator=is_bool,
-                                 metadata=_help("progress bars"))
-
-    def __attrs_post_init__(self) -> None:
-        if self.prompts_per_step % self.minibatches:
-            raise SpecError(
-                f"DemoConfig.minibatches ({self.minibatches}) must divide prompts_per_step ({self.prompts_per_step}): "
-                f"mini-batches hold whole groups."
-            )
-
-    @classmethod
-    def quick(cls, **overrides: Any) -> DemoConfig:
-        """The ``--quick`` setting: ``QUICK`` (1 seed, 4 steps of 4 prompts x 4 samples, a 60-step
-        warm-up, 16 held-out prompts every 2 steps, 2 heatmap samples), then ``overrides``.
-
-        Examples:
-            >>> cfg = DemoConfig.quick(seeds=2)
-            >>> cfg.seeds, cfg.steps, cfg.group_size
-            (2, 4, 4)
-        """
-        return cls(**{**QUICK, **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self)
-        d["presets"] = list(self.presets)
-        return d
 
 
 @attrs.frozen
@@ -264,14 +105,21 @@ def rewards_of(kit: M.ModelKit, examples: Sequence[T.Example], sampled: Sampled,
         >>> rewards_of(kit, [ex], done, 1)
         tensor([1.])
     """
-    finished = sampled.finished.tolist()
-    values = [T.reward(examples[i // repeat], kit.words(sampled.responses[i]), finished[i])
-              for i in range(sampled.responses.shape[0])]
+    finished, responses = sampled.finished.tolist(), sampled.responses.cpu()  # one copy from the device
+    values = [T.reward(examples[i // repeat], kit.words(responses[i]), finished[i])
+              for i in range(responses.shape[0])]
     return torch.tensor(values, dtype=torch.float32)
 
 
-def evaluate(model: Any, kit: M.ModelKit, examples: Sequence[T.Example], max_new_tokens: int) -> float:
-    """Greedy accuracy on ``examples`` (the fraction of rewards equal to 1).
+def evaluate(model: Any, kit: M.ModelKit, examples: Sequence[T.Example], max_new_tokens: int, *,
+             temperature: float = 1.0, seed: int = EVAL_SEED) -> float:
+    """Held-out accuracy: the mean reward of one response sampled for each of ``examples``.
+
+    Sampled at the training temperature, as the rollouts are (greedy decoding is no measure of
+    this policy: among equally likely filler words it may repeat one until the length limit).
+    The draws come from a generator seeded with ``seed`` inside ``torch.random.fork_rng``: every
+    evaluation uses the same random numbers (a paired comparison across steps and presets) and
+    leaves the training's random stream untouched.
 
     Examples:
         >>> kit = M.ModelKit()
@@ -279,8 +127,11 @@ def evaluate(model: Any, kit: M.ModelKit, examples: Sequence[T.Example], max_new
         >>> evaluate(model, kit, T.make_examples(4, seed=0), max_new_tokens=3)  # untrained: no format yet
         0.0
     """
-    prompt = M.encode_prompts(kit, examples)
-    sampled = sample(model, kit, prompt, max_new_tokens=max_new_tokens, greedy=True)
+    device = next(model.parameters()).device
+    prompt = M.to_device(M.encode_prompts(kit, examples), device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        sampled = sample(model, kit, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
     return float(rewards_of(kit, examples, sampled, 1).mean())
 
 
@@ -306,23 +157,64 @@ def scale_spread(credit: rlcredit.Credit, rollout: rlcredit.Rollout) -> Tensor:
     return ratio.std(unbiased=False) if ratio.numel() > 1 else torch.zeros(())
 
 
-def warm_start(kit: M.ModelKit, cfg: DemoConfig, seed: int, progress: Any = None) -> tuple[dict[str, Tensor], list[float]]:
+def warm_start(kit: M.ModelKit, cfg: DemoConfig, seed: int, progress: Any = None, *,
+               device: torch.device | None = None) -> tuple[dict[str, Tensor], list[float]]:
     """The seed's randomly initialised model after the format warm-up: ``(state_dict, losses)``.
+
+    The weights are drawn on the CPU (the same initial model on every device), then trained on
+    ``device`` (default: the CPU).
 
     Examples:
         >>> state, losses = warm_start(M.ModelKit(), DemoConfig(warmup_steps=2, hidden=32), seed=0)
         >>> len(losses), "lm_head.weight" in state
         (2, True)
     """
-    model = M.build_model(kit.tokenizer, seed=seed, hidden=cfg.hidden)
+    model = M.build_model(kit.tokenizer, seed=seed, hidden=cfg.hidden, layers=cfg.layers).to(device or "cpu")
     losses = M.warmup(model, kit, steps=cfg.warmup_steps, lr=cfg.warmup_lr, seed=seed, shapes=cfg.shapes,
-                      progress=progress)
+                      filler_words=cfg.filler_words, progress=progress)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
 
+def answer_mask(kit: M.ModelKit, responses: Tensor, mask: Tensor) -> Tensor:
+    """``[N, T]`` bool: the response tokens that are colour words (the answer slot of a well-formed response).
+
+    Examples:
+        >>> kit = M.ModelKit()
+        >>> ids = torch.tensor([[kit.colour_ids["red"], kit.eos_id, kit.pad_id]])
+        >>> answer_mask(kit, ids, torch.tensor([[True, True, False]])).tolist()
+        [[True, False, False]]
+    """
+    colours = torch.tensor(sorted(kit.colour_ids.values()), device=responses.device)
+    return torch.isin(responses, colours) & mask
+
+
+def measure(policy: rlcredit.HFPolicy, kit: M.ModelKit, rollout: rlcredit.Rollout, credit: rlcredit.Credit,
+            responses: Tensor, hidden: Tensor, cfg: DemoConfig) -> tuple[dict[str, float] | None, dict[str, Any]]:
+    """The mechanism evidence on one rollout batch (``rlcredit_mm.demo.evidence``).
+
+    Returns:
+        ``(variance, dependency)``: ``evidence.variance_evidence`` of ``credit`` against GRPO's
+        credit on the same rollout (None without signal), and ``evidence.dependency_stats`` of the
+        exact visual KL for each of ``evidence.DEPENDENCY_PERTURBATIONS``.
+    """
+    from rlcredit_mm.visual_kl import VisualKL
+
+    mask = rollout.response_mask
+    answers = answer_mask(kit, responses, mask)
+    diff, u = E.lm_head_terms(policy, hidden, responses, mask, temperature=cfg.temperature)
+    baseline = rlcredit.build(E.BASELINE).assign(rollout)  # GRPO's credit on the same rollout
+    variance = E.variance_evidence(credit, baseline, rollout, diff, u, answers)
+    dependency = {}
+    for name, perturbation in E.DEPENDENCY_PERTURBATIONS.items():
+        kl = VisualKL(estimate="exact", perturbation=perturbation, temperature=cfg.temperature)(rollout, policy)
+        dependency[name] = E.dependency_stats(kl, mask, answers)
+    return variance, dependency
+
+
 def run_preset(preset: str, seed: int, kit: M.ModelKit, warm_state: dict[str, Tensor], cfg: DemoConfig,
-               progress: Any = None, *, label: str | None = None) -> tuple[dict[str, Any], Any]:
-    """Train one preset from the warm state for ``cfg.steps`` steps.
+               progress: Any = None, *, label: str | None = None,
+               device: torch.device | None = None) -> tuple[dict[str, Any], Any]:
+    """Train one preset from the warm state for ``cfg.steps`` steps on ``device`` (default: the CPU).
 
     Args:
         preset: a preset name or a strategy spec file (``rlcredit.build(preset)``).
@@ -333,18 +225,20 @@ def run_preset(preset: str, seed: int, kit: M.ModelKit, warm_state: dict[str, Te
 
     Returns:
         ``(record, model)``: the per-step record (train reward, kept share, scale spread, step
-        time, response length) and the held-out curve, and the trained model.
+        time, response length), the held-out curve, the measurements (``measure_steps``,
+        ``grad_variance``, ``dependency``), and the trained model.
 
     Examples:
         >>> kit = M.ModelKit()
         >>> cfg = DemoConfig.quick(steps=2, eval_every=1, eval_prompts=4, warmup_steps=2, hidden=32)
         >>> state, _ = warm_start(kit, cfg, seed=0)
         >>> record, model = run_preset("vppo", 0, kit, state, cfg)
-        >>> record["eval_steps"], len(record["train_reward"]), 0 < record["kept_share"][0] < 1
-        ([0, 1, 2], 2, True)
+        >>> record["eval_steps"], record["measure_steps"], len(record["train_reward"]), 0 < record["kept_share"][0] < 1
+        ([0, 1, 2], [1, 2], 2, True)
     """
+    device = device or torch.device("cpu")
     strategy = rlcredit.build(preset)
-    model = M.build_model(kit.tokenizer, seed=seed, hidden=cfg.hidden)
+    model = M.build_model(kit.tokenizer, seed=seed, hidden=cfg.hidden, layers=cfg.layers).to(device)
     model.load_state_dict(warm_state)
     model.eval()
     policy = rlcredit.HFPolicy(model, rows_per_chunk=64, tokens_per_chunk=1024)
@@ -354,23 +248,31 @@ def run_preset(preset: str, seed: int, kit: M.ModelKit, warm_state: dict[str, Te
     rng = random.Random(seed)  # same prompts for every preset of this seed: a paired comparison
     torch.manual_seed(seed)
     eval_set = T.make_examples(cfg.eval_prompts, EVAL_SEED, cfg.shapes)
-    P, G = cfg.prompts_per_step, cfg.group_size
-    group_ids = torch.arange(P).repeat_interleave(G)
+    P, G, limit = cfg.prompts_per_step, cfg.group_size, cfg.response_limit
+    group_ids = torch.arange(P, device=device).repeat_interleave(G)
     per_mb = P * G // cfg.minibatches
-    record: dict[str, list] = {k: [] for k in ("train_reward", "kept_share", "scale_std", "step_time_s",
-                                               "response_length", "clip_fraction")}
-    eval_steps, eval_acc = [0], [evaluate(model, kit, eval_set, cfg.max_new_tokens)]
+    record: dict[str, list] = {k: [] for k in ("train_reward", "kept_share", "scale_std", "step_time_s", "step_cpu_s",
+                                               "response_length", "clip_fraction", "measure_steps", "grad_variance",
+                                               "dependency")}
+    eval_steps, eval_acc = [0], [evaluate(model, kit, eval_set, limit, temperature=cfg.temperature)]
     for step in range(1, cfg.steps + 1):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
+        measuring = step == 1 or step % cfg.eval_every == 0 or step == cfg.steps
         examples = T.make_examples(P, rng.randrange(2**31), cfg.shapes)
-        prompt = M.encode_prompts(kit, examples, repeat=G)
-        sampled = sample(model, kit, prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-        rewards = rewards_of(kit, examples, sampled, G)
+        prompt = M.to_device(M.encode_prompts(kit, examples, repeat=G), device)
+        sampled = sample(model, kit, prompt, max_new_tokens=limit, temperature=cfg.temperature)
+        rewards = rewards_of(kit, examples, sampled, G).to(device)
         inputs = M.join_responses(prompt, sampled.responses, sampled.mask)
-        stats = policy.response_stats(inputs, sampled.mask, temperature=cfg.temperature, entropy=True)
+        stats = policy.response_stats(inputs, sampled.mask, temperature=cfg.temperature, entropy=True,
+                                      hidden=measuring)
         rollout = rlcredit.Rollout(sampled.mask, rewards, group_ids, old_logprobs=stats.logprobs,
                                    signals={"entropy": stats.entropy}, model_inputs=inputs)
         credit = strategy.assign(rollout, policy)
+        if measuring:
+            variance, dependency = measure(policy, kit, rollout, credit, sampled.responses, stats.hidden, cfg)
+            record["measure_steps"].append(step)
+            record["grad_variance"].append(variance)
+            record["dependency"].append(dependency)
         model.train()
         clip = []
         for mb in range(cfg.minibatches):
@@ -385,7 +287,6 @@ def run_preset(preset: str, seed: int, kit: M.ModelKit, warm_state: dict[str, Te
             schedule.step()
             clip.append(out.metrics["clip_fraction"])
         model.eval()
-        record["step_time_s"].append(time.perf_counter() - start)
         record["train_reward"].append(float(rewards.mean()))
         record["kept_share"].append(float(credit.metrics["kept_fraction"]))
         record["scale_std"].append(float(scale_spread(credit, rollout)))
@@ -393,7 +294,9 @@ def run_preset(preset: str, seed: int, kit: M.ModelKit, warm_state: dict[str, Te
         record["clip_fraction"].append(float(torch.stack(clip).mean()))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             eval_steps.append(step)
-            eval_acc.append(evaluate(model, kit, eval_set, cfg.max_new_tokens))
+            eval_acc.append(evaluate(model, kit, eval_set, limit, temperature=cfg.temperature))
+        record["step_time_s"].append(time.perf_counter() - start)
+        record["step_cpu_s"].append(time.process_time() - cpu)
         if progress is not None:
             progress.set_postfix_str(f"{label or preset} seed {seed} acc {eval_acc[-1]:.2f}", refresh=False)
             progress.update(1)
