@@ -198,7 +198,10 @@ def test_readme_and_docs_show_the_committed_default_run():
         assert block in text and REGENERATE in text, page
     assert results["summary"]["grpo"]["grad_variance"]["measured_ratio"] == pytest.approx(1.0)
     vppo = results["summary"]["vppo"]["grad_variance"]
-    assert vppo["measurements"] == 5 * 6 and 0 < vppo["predicted_ratio"] < vppo["measured_ratio"]
+    taken = [m for r in results["runs"] if r["preset"] == "vppo" for m in r["grad_variance"] if m]
+    # 6 measurements per seed, minus those where GRPO's gradient is 0 (every group's rewards equal)
+    assert vppo["measurements"] == len(taken) and 5 <= len(taken) <= 5 * 6
+    assert 0 < vppo["predicted_ratio"] < vppo["measured_ratio"]
     for name in ("curves", "heatmaps", "variance"):
         assert (ROOT / "docs" / "assets" / f"demo_{name}.png").read_bytes()[:4] == b"\x89PNG"
 
