@@ -24,14 +24,6 @@ from rlcredit_mm.demo import task as T
 from rlcredit_mm.demo import train as TR
 from rlcredit_mm.demo.run import run_demo
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and 2 OpenMP threads on 2 busy cores can be 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------------------------
 # The task

@@ -22,14 +22,6 @@ from rlcredit_mm.demo import train as TR
 from rlcredit_mm.demo.run import _publish, check_presets, prepare_output, run_demo
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and 2 OpenMP threads on 2 busy cores can be 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------------------------
 # The command: bad input exits 2 and writes nothing

@@ -17,14 +17,6 @@ from rlcredit import registry
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and 2 OpenMP threads on 2 busy cores can be 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 

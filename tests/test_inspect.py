@@ -18,14 +18,6 @@ from rlcredit_mm.inspect import TokenHeatmap, build_inputs, heatmap_html, load_v
 
 PROMPT = "what colour is the square ?"
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and 2 OpenMP threads on 2 busy cores can be 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 RESPONSE = "ok . the answer is red ."
 
