@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rlcredit
+from tests.vppo_released_reference import perception_top_p_mask
 
 yaml = pytest.importorskip("yaml")
 
@@ -39,23 +40,10 @@ def released_loss_token_mask(entropy, aug_log_probs, old_log_probs, response_mas
     top_p_mask = torch.zeros_like(entropy, dtype=torch.bool)
     top_p_mask.scatter_(1, sorted_indices, rank_mask)
     loss_token_mask = top_p_mask.to(entropy.dtype)
-    # if self.config.use_vppo_on_perception:
-    top_p = top_p_perception_tokens
-    log_probs_diff = (aug_log_probs - old_log_probs).clamp(-20.0, 20.0)
-    low_var_kl = (log_probs_diff.exp() - log_probs_diff - 1).contiguous()
-    low_var_kl = torch.clamp(low_var_kl, min=0.0, max=10.0)
-    low_var_kl_for_sort = low_var_kl.clone()
-    invalid_mask = ~response_mask.bool()
-    low_var_kl_for_sort[invalid_mask] = -torch.inf
-    num_valid_tokens = response_mask.sum(dim=1)
-    k = torch.ceil(num_valid_tokens * top_p).int()
-    sorted_vals, sorted_indices = torch.sort(low_var_kl_for_sort, dim=1, descending=True)
-    range_tensor = torch.arange(low_var_kl_for_sort.size(1), device=low_var_kl_for_sort.device).expand_as(
-        low_var_kl_for_sort)
-    rank_mask = range_tensor < k.unsqueeze(1)
-    top_p_mask = torch.zeros_like(low_var_kl_for_sort, dtype=torch.bool)
-    top_p_mask.scatter_(1, sorted_indices, rank_mask)
-    top_p_mask = (top_p_mask.bool() & response_mask.bool()).to(old_log_probs.dtype)
+    # if self.config.use_vppo_on_perception: (the same block as the VPPO reference transcribes)
+    _, top_p_mask = perception_top_p_mask(aug_log_probs, old_log_probs, response_mask, top_p_perception_tokens,
+                                          stable=False)
+    top_p_mask = top_p_mask.to(old_log_probs.dtype)
     if loss_token_mask is not None:
         loss_token_mask = (loss_token_mask.bool() | top_p_mask.bool()).to(old_log_probs.dtype)
     else:

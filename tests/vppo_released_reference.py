@@ -67,6 +67,29 @@ def compute_policy_loss(old_log_probs, log_probs, advantages, response_mask, cli
     return average_loss(final_pg_loss, response_mask, mode="token")
 
 
+def perception_top_p_mask(aug_log_probs, old_log_probs, response_mask, top_p, *, stable=True):
+    """``dp_actor.py`` L398-431 (``use_vppo_on_perception``): ``(low_var_kl, top_p_mask)``, ``[B, T]`` each.
+
+    ``stable=True`` breaks ties by position (the released ``torch.sort`` is unstable, so its tie
+    order is not reproducible); ``stable=False`` is the released call.
+    """
+    log_probs_diff = (aug_log_probs - old_log_probs).clamp(-20.0, 20.0)
+    low_var_kl = (log_probs_diff.exp() - log_probs_diff - 1).contiguous()
+    low_var_kl = torch.clamp(low_var_kl, min=0.0, max=10.0)
+    low_var_kl_for_sort = low_var_kl.clone()
+    invalid_mask = ~response_mask.bool()
+    low_var_kl_for_sort[invalid_mask] = -torch.inf
+    num_valid_tokens = response_mask.sum(dim=1)
+    k = torch.ceil(num_valid_tokens * top_p).int()
+    sorted_vals, sorted_indices = torch.sort(low_var_kl_for_sort, dim=1, descending=True, stable=stable)
+    range_tensor = torch.arange(low_var_kl_for_sort.size(1), device=low_var_kl_for_sort.device).expand_as(
+        low_var_kl_for_sort)
+    rank_mask = range_tensor < k.unsqueeze(1)
+    top_p_mask = torch.zeros_like(low_var_kl_for_sort, dtype=torch.bool)
+    top_p_mask.scatter_(1, sorted_indices, rank_mask)
+    return low_var_kl, top_p_mask & response_mask.bool()
+
+
 def update_policy(old_log_probs, aug_log_probs, advantages, response_mask, log_probs, *, mini_batch_size=128,
                   micro_batch_size=16, top_p=0.4, advantage_scaling_min=0.9, clip_ratio_low=0.2,
                   clip_ratio_high=0.28, clip_ratio_dual=3.0, entropy_penalty_coef=0.06):
@@ -117,21 +140,8 @@ def update_policy(old_log_probs, aug_log_probs, advantages, response_mask, log_p
             loss_token_mask = None  # L323
             # L398-431: perception top-p mask
             aug_log_probs_u = aug_log_probs[rows]
-            log_probs_diff = (aug_log_probs_u - old_log_probs_u).clamp(-20.0, 20.0)
-            low_var_kl = (log_probs_diff.exp() - log_probs_diff - 1).contiguous()
-            low_var_kl = torch.clamp(low_var_kl, min=0.0, max=10.0)
-            low_var_kl_for_sort = low_var_kl.clone()
-            invalid_mask = ~response_mask_u.bool()
-            low_var_kl_for_sort[invalid_mask] = -torch.inf
-            num_valid_tokens = response_mask_u.sum(dim=1)
-            k = torch.ceil(num_valid_tokens * top_p).int()
-            # L416, but stable: the released unstable sort orders ties arbitrarily
-            sorted_vals, sorted_indices = torch.sort(low_var_kl_for_sort, dim=1, descending=True, stable=True)
-            range_tensor = torch.arange(low_var_kl_for_sort.size(1)).expand_as(low_var_kl_for_sort)
-            rank_mask = range_tensor < k.unsqueeze(1)
-            top_p_mask = torch.zeros_like(low_var_kl_for_sort, dtype=torch.bool)
-            top_p_mask.scatter_(1, sorted_indices, rank_mask)
-            top_p_mask = (top_p_mask.bool() & response_mask_u.bool()).to(log_probs_u.dtype)
+            low_var_kl, top_p_mask = perception_top_p_mask(aug_log_probs_u, old_log_probs_u, response_mask_u, top_p)
+            top_p_mask = top_p_mask.to(log_probs_u.dtype)
             loss_token_mask = top_p_mask
             # L483-535: advantage shaping
             with torch.no_grad():
